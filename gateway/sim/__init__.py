@@ -1,0 +1,1 @@
+"""Wire-faithful simulators of the outside world: OpenAI Realtime, Twilio, callers, WhatsApp."""
