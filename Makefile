@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make run` serves the gateway, `make test` runs every check.
+# Each makes its own virtual environment in .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint format call whatsapp bench clean
+
+run: $(VENV)/.deps
+	$(BIN)/python -m gateway
+
+test: $(VENV)/.deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.deps
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# A simulated phone call / WhatsApp message against a gateway already running (make run).
+call: $(VENV)/.deps
+	$(BIN)/python scripts/call.py $(ARGS)
+
+TEXT ?= Olá, tudo bem?
+whatsapp: $(VENV)/.deps
+	$(BIN)/python scripts/send_whatsapp.py "$(TEXT)" $(ARGS)
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

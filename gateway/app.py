@@ -1,0 +1,92 @@
+"""The app factory: routes, and the resources opened and closed around serving."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.health import health
+from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
+from gateway.settings import Settings
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=2 * 1024 * 1024)
+    app[RUNTIME] = Runtime(settings)
+    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx])
+    app.router.add_get("/health", health)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    rt.store = await Store.open(rt.settings.database_url)
+    log.info("store open at %s (schema v%d)", rt.settings.database_url, rt.store.schema_version)
+    yield
+    await rt.store.close()
+
+
+async def _sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Without credentials, the simulators stand in for OpenAI and Twilio, in process."""
+    rt = app[RUNTIME]
+    settings = rt.settings
+    if settings.sandbox_realtime:
+        from gateway.sim.realtime import RealtimeSimConfig, RealtimeSimulator
+
+        rt.realtime_sim = RealtimeSimulator(
+            RealtimeSimConfig(first_audio_latency_ms=settings.sim_first_audio_ms)
+        )
+        await rt.realtime_sim.start(host="127.0.0.1", port=0)
+    if settings.sandbox_twilio:
+        from gateway.sim.twilio import TwilioSimulator
+
+        rt.twilio_sim = TwilioSimulator(rt.twilio_account_sid, rt.twilio_auth_token)
+        await rt.twilio_sim.start(host="127.0.0.1", port=0)
+    if rt.realtime_sim or rt.twilio_sim:
+        _announce_sandbox(rt)
+    yield
+    for sim in (rt.twilio_sim, rt.realtime_sim):
+        if sim is not None:
+            await sim.close()
+
+
+async def _clients_ctx(app: web.Application) -> AsyncIterator[None]:
+    from openai import AsyncOpenAI
+
+    from gateway.twilio_api import close_rest_client, make_rest_client
+
+    rt = app[RUNTIME]
+    api_key = rt.settings.openai_api_key or SANDBOX_OPENAI_KEY
+    rt.openai = AsyncOpenAI(api_key=api_key, base_url=rt.openai_base_url)
+    rt.twilio = make_rest_client(
+        rt.twilio_account_sid, rt.twilio_auth_token, rt.twilio_api_base_url
+    )
+    yield
+    await close_rest_client(rt.twilio)
+    await rt.openai.close()
+
+
+def _announce_sandbox(rt: Runtime) -> None:
+    s = rt.settings
+    lines = ["SANDBOX MODE: no real calls, no real WhatsApp, no OpenAI bill."]
+    if rt.realtime_sim:
+        lines.append(f"  OpenAI Realtime -> in-process SIMULATOR at {rt.realtime_sim.base_url}")
+        lines.append("  (set OPENAI_API_KEY to use the real API)")
+    if rt.twilio_sim:
+        lines.append(f"  Twilio          -> in-process SIMULATOR at {rt.twilio_sim.base_url}")
+        lines.append("  (set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN to use real Twilio)")
+    lines += [
+        "Try it from another terminal:",
+        f"  make call      # a simulated phone call to http://127.0.0.1:{s.port}",
+        f'  make whatsapp TEXT="Olá, tudo bem?"   # a simulated WhatsApp message to :{s.port}',
+    ]
+    width = max(len(line) for line in lines) + 4
+    banner = "\n".join(["*" * width, *(f"* {line}" for line in lines), "*" * width])
+    print(banner, file=sys.stderr, flush=True)
+    log.warning("sandbox: realtime=%s twilio=%s", rt.realtime_backend, rt.twilio_backend)

@@ -1,0 +1,70 @@
+"""What a running gateway holds: settings, the store and the outside-world clients.
+
+One object under one AppKey, so handlers in every module reach the same resources.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+    from gateway.store import Store
+
+# Fixed so the sandbox's printed commands keep working across restarts; not secrets.
+SANDBOX_ACCOUNT_SID = "AC" + "5a" * 16
+SANDBOX_AUTH_TOKEN = "sandbox-auth-token-not-a-secret"
+SANDBOX_OPENAI_KEY = "sk-sandbox-not-a-secret"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    started: float = field(default_factory=time.monotonic)
+    store: Store | None = None
+    openai: AsyncOpenAI | None = None
+    twilio: Any = None  # twilio.rest.Client with the async HTTP client
+    realtime_sim: Any = None  # gateway.sim.realtime.RealtimeSimulator in the sandbox
+    twilio_sim: Any = None  # gateway.sim.twilio.TwilioSimulator in the sandbox
+
+    @property
+    def realtime_backend(self) -> str:
+        return "simulator" if self.realtime_sim is not None else "openai"
+
+    @property
+    def openai_base_url(self) -> str:
+        if self.realtime_sim is not None:
+            return self.realtime_sim.base_url
+        return self.settings.openai_base_url
+
+    @property
+    def twilio_backend(self) -> str:
+        return "simulator" if self.twilio_sim is not None else "twilio"
+
+    @property
+    def twilio_account_sid(self) -> str:
+        return self.settings.twilio_account_sid or SANDBOX_ACCOUNT_SID
+
+    @property
+    def twilio_auth_token(self) -> str:
+        return self.settings.twilio_auth_token or SANDBOX_AUTH_TOKEN
+
+    @property
+    def twilio_api_base_url(self) -> str:
+        if self.twilio_sim is not None:
+            return self.twilio_sim.base_url
+        return self.settings.twilio_api_base_url
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started
+
+
+RUNTIME = web.AppKey("runtime", Runtime)

@@ -1,0 +1,174 @@
+"""The one home of configuration: a frozen Settings read from the environment.
+
+Every variable is parsed and checked at start; a bad value raises SettingsError naming
+the variable, so a misconfigured deploy fails loudly before it takes a call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_TWILIO_API_BASE_URL = "https://api.twilio.com"
+DEFAULT_DATABASE_URL = "sqlite:///data/gateway.db"
+VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+VAD_TYPES = ("server_vad", "semantic_vad")
+
+
+class SettingsError(ValueError):
+    """A configuration variable is missing or invalid; the message names it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Settings:
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str = DEFAULT_OPENAI_BASE_URL
+    realtime_model: str = "gpt-realtime-2.1"
+    realtime_voice: str = "marin"
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = field(default=None, repr=False)
+    twilio_api_base_url: str = DEFAULT_TWILIO_API_BASE_URL
+    public_base_url: str = ""
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "0.0.0.0"
+    port: int = 8080
+    persona: str = "endrigo"
+    admin_token: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+    vad_type: str = "server_vad"
+    vad_threshold: float = 0.5
+    vad_silence_ms: int = 500
+    vad_prefix_ms: int = 300
+    sim_first_audio_ms: int = 300
+
+    @property
+    def sandbox_realtime(self) -> bool:
+        """No API key: the in-process Realtime simulator stands in for OpenAI."""
+        return not self.openai_api_key
+
+    @property
+    def sandbox_twilio(self) -> bool:
+        """No Twilio credentials: the in-process Twilio simulator stands in."""
+        return not (self.twilio_account_sid and self.twilio_auth_token)
+
+    @property
+    def realtime_ws_url(self) -> str:
+        """The websocket URL the SDK derives from OPENAI_BASE_URL (http -> ws, https -> wss)."""
+        parts = urlsplit(self.openai_base_url)
+        scheme = "ws" if parts.scheme == "http" else "wss"
+        return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/realtime"
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.database_url.removeprefix("sqlite:///"))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        port = reader.integer("PORT", 8080, 1, 65535)
+        host = reader.text("HOST", "0.0.0.0")
+        sid = reader.optional("TWILIO_ACCOUNT_SID")
+        token = reader.optional("TWILIO_AUTH_TOKEN")
+        _check_twilio_pair(sid, token)
+        local = f"http://127.0.0.1:{port}"
+        return cls(
+            openai_api_key=reader.optional("OPENAI_API_KEY"),
+            openai_base_url=reader.url("OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL),
+            realtime_model=reader.text("REALTIME_MODEL", "gpt-realtime-2.1"),
+            realtime_voice=reader.choice("REALTIME_VOICE", "marin", VOICES),
+            twilio_account_sid=sid,
+            twilio_auth_token=token,
+            twilio_api_base_url=reader.url("TWILIO_API_BASE_URL", DEFAULT_TWILIO_API_BASE_URL),
+            public_base_url=reader.url("PUBLIC_BASE_URL", local, origin_only=True),
+            database_url=_database_url(reader.text("DATABASE_URL", DEFAULT_DATABASE_URL)),
+            host=host,
+            port=port,
+            persona=reader.text("PERSONA", "endrigo"),
+            admin_token=reader.optional("ADMIN_TOKEN"),
+            log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            vad_type=reader.choice("VAD_TYPE", "server_vad", VAD_TYPES),
+            vad_threshold=reader.number("VAD_THRESHOLD", 0.5, 0.0, 1.0),
+            vad_silence_ms=reader.integer("VAD_SILENCE_MS", 500, 100, 5000),
+            vad_prefix_ms=reader.integer("VAD_PREFIX_MS", 300, 0, 2000),
+            sim_first_audio_ms=reader.integer("SIM_FIRST_AUDIO_MS", 300, 0, 10000),
+        )
+
+
+@dataclass
+class _Reader:
+    env: Mapping[str, str]
+
+    def optional(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(name, f"must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise SettingsError(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(name, f"must be a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise SettingsError(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if value not in allowed:
+            raise SettingsError(name, f"must be one of {', '.join(allowed)}; got {value!r}")
+        return value
+
+    def url(self, name: str, default: str, *, origin_only: bool = False) -> str:
+        value = self.text(name, default).rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SettingsError(name, f"must be an http(s) URL, got {value!r}")
+        if origin_only and (parts.path or parts.query):
+            raise SettingsError(name, f"must be scheme://host[:port] with no path, got {value!r}")
+        return value
+
+
+def _check_twilio_pair(sid: str | None, token: str | None) -> None:
+    if bool(sid) != bool(token):
+        missing = "TWILIO_AUTH_TOKEN" if sid else "TWILIO_ACCOUNT_SID"
+        raise SettingsError(
+            missing, "set both TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN, or neither"
+        )
+    if sid and not (sid.startswith("AC") and len(sid) == 34):
+        raise SettingsError("TWILIO_ACCOUNT_SID", "must be 'AC' followed by 32 hex characters")
+
+
+def _database_url(value: str) -> str:
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value
+    if value.startswith(("postgresql://", "postgres://")):
+        raise SettingsError(
+            "DATABASE_URL", "PostgreSQL is planned but not supported yet; use sqlite:///path.db"
+        )
+    raise SettingsError("DATABASE_URL", f"must look like sqlite:///path/to/file.db, got {value!r}")

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+
+import pytest
+
+from gateway.settings import Settings, SettingsError
+
+
+def test_defaults_are_the_contract():
+    s = Settings.from_env({})
+    assert s.realtime_model == "gpt-realtime-2.1"
+    assert s.port == 8080
+    assert s.twilio_api_base_url == "https://api.twilio.com"
+    assert s.database_url.startswith("sqlite:///data/")
+    assert s.sandbox_realtime and s.sandbox_twilio
+    assert s.public_base_url == "http://127.0.0.1:8080"
+
+
+def test_realtime_ws_url_is_derived_from_the_sdk_base_url():
+    assert Settings.from_env({}).realtime_ws_url == "wss://api.openai.com/v1/realtime"
+    local = Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:9000/v1/"})
+    assert local.realtime_ws_url == "ws://127.0.0.1:9000/v1/realtime"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"OPENAI_BASE_URL": "ftp://x"}, "OPENAI_BASE_URL"),
+        ({"PUBLIC_BASE_URL": "https://gw.example.com/path"}, "PUBLIC_BASE_URL"),
+        ({"PUBLIC_BASE_URL": "gw.example.com"}, "PUBLIC_BASE_URL"),
+        ({"TWILIO_API_BASE_URL": "nope"}, "TWILIO_API_BASE_URL"),
+        ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32}, "TWILIO_AUTH_TOKEN"),
+        ({"TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID"),
+        ({"TWILIO_ACCOUNT_SID": "XX1", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID"),
+        ({"DATABASE_URL": "postgresql://db/x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://db"}, "DATABASE_URL"),
+        ({"REALTIME_VOICE": "nova"}, "REALTIME_VOICE"),
+        ({"VAD_THRESHOLD": "2"}, "VAD_THRESHOLD"),
+        ({"VAD_TYPE": "push_to_talk"}, "VAD_TYPE"),
+    ],
+)
+def test_a_bad_value_names_its_variable(env, variable):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env(env)
+    assert err.value.variable == variable
+    assert str(err.value).startswith(variable)
+
+
+def test_secrets_never_appear_in_repr():
+    s = Settings.from_env(
+        {
+            "OPENAI_API_KEY": "sk-very-secret",
+            "TWILIO_ACCOUNT_SID": "AC" + "1" * 32,
+            "TWILIO_AUTH_TOKEN": "tok-very-secret",
+            "ADMIN_TOKEN": "adm-very-secret",
+        }
+    )
+    text = repr(s)
+    assert "very-secret" not in text
+    assert not s.sandbox_realtime and not s.sandbox_twilio
+
+
+def test_the_command_line_reports_a_bad_variable_and_exits(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway"],
+        env={"PORT": "not-a-port", "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "PORT" in proc.stderr and "not-a-port" in proc.stderr
