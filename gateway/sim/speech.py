@@ -11,7 +11,13 @@ import numpy as np
 from gateway.transcode import pcm16_to_mulaw
 
 # (F1, F2, F3) in Hz for a few Portuguese-ish vowels: a, e, i, o, u
-_VOWELS = ((730, 1090, 2440), (530, 1840, 2480), (270, 2290, 3010), (570, 840, 2410), (300, 870, 2240))
+_VOWELS = (
+    (730, 1090, 2440),
+    (530, 1840, 2480),
+    (270, 2290, 3010),
+    (570, 840, 2410),
+    (300, 870, 2240),
+)
 
 
 def _syllable(n: int, rate: int, rng: np.random.Generator) -> np.ndarray:
@@ -32,7 +38,9 @@ def _syllable(n: int, rate: int, rng: np.random.Generator) -> np.ndarray:
     return out * envelope
 
 
-def synth_speech(duration_ms: int, rate: int = 8000, seed: int = 0, level: float = 0.35) -> np.ndarray:
+def synth_speech(
+    duration_ms: int, rate: int = 8000, seed: int = 0, level: float = 0.35
+) -> np.ndarray:
     """int16 samples of speech-like audio lasting exactly `duration_ms`."""
     rng = np.random.default_rng(seed)
     total = rate * duration_ms // 1000
