@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway import calls
 from gateway.health import health
+from gateway.persona import load_persona
 from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
 from gateway.settings import Settings
 from gateway.store import Store
@@ -18,9 +20,11 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=2 * 1024 * 1024)
-    app[RUNTIME] = Runtime(settings)
+    # A broken persona folder stops the start here, naming the file, not mid-call.
+    app[RUNTIME] = Runtime(settings, persona=load_persona(settings.persona))
     app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx])
     app.router.add_get("/health", health)
+    calls.setup(app, settings.call_claim_timeout_s)
     return app
 
 

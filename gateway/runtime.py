@@ -16,7 +16,9 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
+    from gateway.persona import Persona
     from gateway.store import Store
+    from gateway.twilio_api import TwilioSignatures
 
 # Fixed so the sandbox's printed commands keep working across restarts; not secrets.
 SANDBOX_ACCOUNT_SID = "AC" + "5a" * 16
@@ -28,11 +30,13 @@ SANDBOX_OPENAI_KEY = "sk-sandbox-not-a-secret"
 class Runtime:
     settings: Settings
     started: float = field(default_factory=time.monotonic)
+    persona: Persona | None = None
     store: Store | None = None
     openai: AsyncOpenAI | None = None
     twilio: Any = None  # twilio.rest.Client with the async HTTP client
     realtime_sim: Any = None  # gateway.sim.realtime.RealtimeSimulator in the sandbox
     twilio_sim: Any = None  # gateway.sim.twilio.TwilioSimulator in the sandbox
+    _signatures: TwilioSignatures | None = field(default=None, repr=False)
 
     @property
     def realtime_backend(self) -> str:
@@ -61,6 +65,17 @@ class Runtime:
         if self.twilio_sim is not None:
             return self.twilio_sim.base_url
         return self.settings.twilio_api_base_url
+
+    @property
+    def signatures(self) -> TwilioSignatures:
+        """Checks made with the effective auth token against PUBLIC_BASE_URL."""
+        if self._signatures is None:
+            from gateway.twilio_api import TwilioSignatures
+
+            self._signatures = TwilioSignatures(
+                self.twilio_auth_token, self.settings.public_base_url
+            )
+        return self._signatures
 
     @property
     def uptime_s(self) -> float:

@@ -48,6 +48,7 @@ class Settings:
     vad_silence_ms: int = 500
     vad_prefix_ms: int = 300
     sim_first_audio_ms: int = 300
+    call_claim_timeout_s: float = 10.0
 
     @property
     def sandbox_realtime(self) -> bool:
@@ -100,6 +101,7 @@ class Settings:
             vad_silence_ms=reader.integer("VAD_SILENCE_MS", 500, 100, 5000),
             vad_prefix_ms=reader.integer("VAD_PREFIX_MS", 300, 0, 2000),
             sim_first_audio_ms=reader.integer("SIM_FIRST_AUDIO_MS", 300, 0, 10000),
+            call_claim_timeout_s=reader.number("CALL_CLAIM_TIMEOUT_S", 10.0, 0.5, 120.0),
         )
 
 
