@@ -622,7 +622,10 @@ async def _call(args: argparse.Namespace) -> None:
             print(dialed.body)
             return
         await caller.connect()
-        await caller.wait_playback_idle(quiet_s=0.8, timeout=args.reply_timeout)  # greeting
+        await caller.wait_until(lambda: caller.first_reply_at is not None, args.reply_timeout)
+        greeting_ms = (caller.first_reply_at - caller.started_at) * 1000  # type: ignore[operator]
+        print(f"greeting: first frame {greeting_ms:.0f} ms after the stream started")
+        await caller.wait_playback_idle(quiet_s=0.8, timeout=args.reply_timeout)
         for i in range(args.turns):
             try:
                 turn = await caller.speak_and_wait(

@@ -1,0 +1,70 @@
+import asyncio
+import os
+import sys
+import time
+
+import aiohttp
+
+from tests.conftest import free_port
+
+
+async def get_json(url: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_health_with_credentials_reports_real_backends_and_no_simulator(gateway):
+    status, body = await get_json(f"{gateway.url}/health")
+    assert status == 200
+    assert body["status"] == "ok" and body["store"]["reachable"] is True
+    assert body["realtime"]["backend"] == "openai"
+    assert body["twilio"] == {"configured": True, "backend": "twilio"}
+    assert body["sandbox"] is False and body["version"]
+    assert gateway.runtime.realtime_sim is None and gateway.runtime.twilio_sim is None
+
+
+async def test_health_in_sandbox_says_simulators_are_in_use(start_gateway):
+    gw = await start_gateway({})
+    status, body = await get_json(f"{gw.url}/health")
+    assert status == 200
+    assert body["sandbox"] is True
+    assert body["realtime"]["backend"] == "simulator"
+    assert body["twilio"] == {"configured": False, "backend": "simulator"}
+
+
+async def test_health_is_503_when_the_store_is_unreachable(gateway):
+    await gateway.runtime.store.close()  # the database connection is gone
+    status, body = await get_json(f"{gateway.url}/health")
+    assert status == 503
+    assert body["status"] == "degraded" and body["store"]["reachable"] is False
+
+
+async def test_python_m_gateway_serves_health_in_sandbox_within_10_s(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TWILIO_"))}
+    env.update(PORT=str(port), HOST="127.0.0.1", DATABASE_URL=f"sqlite:///{tmp_path}/g.db")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        body = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and body is None:
+            try:
+                status, body = await get_json(f"http://127.0.0.1:{port}/health")
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+        assert body is not None, "no /health answer within 10 s"
+        assert status == 200 and body["sandbox"] is True
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+    stderr = err.decode()
+    assert "SANDBOX MODE" in stderr and "SIMULATOR" in stderr
+    assert "make call" in stderr and "make whatsapp" in stderr
