@@ -228,3 +228,14 @@ async def test_turns_transcripts_and_latency_are_stored_with_the_person(gateway,
     ).fetchall()[:2]
     assert greeting[0] is not None and greeting[0] >= 0  # stream start -> first frame
     assert reply[0] > reply[1] > 0  # end of speech -> first frame includes the upstream's share
+
+
+async def test_when_openai_cannot_be_reached_again_the_call_ends_cleanly(gateway, realtime_sim):
+    caller, _ = await connected_call(gateway, realtime_sim)
+    async with caller:
+        await caller.wait_until(lambda: caller.first_reply_at is not None, 5)
+        await realtime_sim.close()  # the upstream goes away and refuses reconnects
+        await caller.wait_until(lambda: caller.closed.is_set(), 10)
+        # Closing the stream hands the call back to the TwiML, whose <Say> apologises.
+        assert caller.closed_by_server
+        assert "<Say" in caller.dial_result.body and "Desculpe" in caller.dial_result.body
