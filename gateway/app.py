@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway import calls
 from gateway.health import health
+from gateway.observability import metrics
 from gateway.persona import load_persona
 from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
 from gateway.settings import Settings
@@ -24,6 +25,7 @@ def create_app(settings: Settings) -> web.Application:
     app[RUNTIME] = Runtime(settings, persona=load_persona(settings.persona))
     app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx])
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     calls.setup(app, settings.call_claim_timeout_s)
     return app
 

@@ -31,6 +31,19 @@ from gateway.call_state import (
     UpstreamError,
 )
 from gateway.memory import instructions_for, load_memory, with_transcript
+from gateway.observability import (
+    ACTIVE_CALLS,
+    CALLS,
+    ERRORS,
+    GREETING,
+    RECONNECTS,
+    REJECTED_SIGNATURES,
+    RESPONSE_LATENCY,
+    TURNS,
+    UPSTREAM_FIRST_AUDIO,
+    FrameTimer,
+    correlated,
+)
 from gateway.persona import MemoryContext, greeting_instruction
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Person, normalize_number
@@ -68,6 +81,9 @@ class LiveCall:
         self._ending = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pump: asyncio.Task[None] | None = None
+        self._greeting_observed = False
+        self._inbound_timer = FrameTimer("inbound")
+        self._outbound_timer = FrameTimer("outbound")
 
     # upstream
     def open_upstream(self) -> None:
@@ -88,6 +104,7 @@ class LiveCall:
             )
         except Exception:
             log.exception("call %s: could not open the Realtime session", self.call_sid)
+            ERRORS.labels("session_open_failed").inc()
             self.upstream_ready.set()
             await self.end()
             return
@@ -115,7 +132,13 @@ class LiveCall:
                     await self.end(apologise=True)
                     return
                 continue
+            timed = (
+                event.get("type") == "response.output_audio.delta" and self._outbound_timer.due()
+            )
+            started = time.perf_counter() if timed else 0.0
             await self.perform(self.state.on_realtime(event, self.clock()))
+            if timed:
+                self._outbound_timer.observe_since(started)
 
     async def _reconnect(self) -> bool:
         """A new session with persona, memory and this call's transcript; the call goes on."""
@@ -129,12 +152,18 @@ class LiveCall:
                 continue
             self.state.upstream_replaced()
             self.reconnects += 1
+            RECONNECTS.inc()
             return True
         return False
 
     # twilio
     async def on_twilio(self, message: dict[str, Any]) -> None:
-        await self.perform(self.state.on_twilio(message, self.clock()))
+        if self._inbound_timer.due():
+            started = time.perf_counter()
+            await self.perform(self.state.on_twilio(message, self.clock()))
+            self._inbound_timer.observe_since(started)
+        else:
+            await self.perform(self.state.on_twilio(message, self.clock()))
 
     async def perform(self, actions: list[Action]) -> None:
         for action in actions:
@@ -147,12 +176,16 @@ class LiveCall:
             elif isinstance(action, RecordUsage):
                 self._record_usage(action)
             elif isinstance(action, UpstreamError):
+                ERRORS.labels("upstream_error").inc()
                 log.warning(
                     "call %s: upstream error %s: %s", self.call_sid, action.code, action.message
                 )
             elif isinstance(action, EndCall):
                 log.info("call %s: ending (%s)", self.call_sid, action.reason)
                 await self.end()
+        if not self._greeting_observed and self.state.greeting_ms is not None:
+            self._greeting_observed = True
+            GREETING.observe(self.state.greeting_ms / 1000)
 
     async def _to_twilio(self, message: dict[str, Any]) -> None:
         ws = self.ws
@@ -168,6 +201,11 @@ class LiveCall:
 
     # store
     def _record_turn(self, turn: RecordTurn) -> None:
+        TURNS.labels("call", turn.role).inc()
+        if turn.response_latency_ms is not None:
+            RESPONSE_LATENCY.observe(turn.response_latency_ms / 1000)
+        if turn.upstream_first_audio_ms is not None:
+            UPSTREAM_FIRST_AUDIO.observe(turn.upstream_first_audio_ms / 1000)
         if self.conversation_id is None or self.rt.store is None:
             return
         latency = turn.response_latency_ms
@@ -277,17 +315,20 @@ async def voice_webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if not await rt.signatures.form_ok(request):
         log.warning("voice webhook: invalid Twilio signature from %s", request.remote)
+        REJECTED_SIGNATURES.labels("voice").inc()
         return web.Response(status=403, text="invalid signature")
     form = await request.post()
     call_sid = str(form.get("CallSid", ""))
     if not call_sid.startswith("CA"):
         return web.Response(status=400, text="missing CallSid")
     caller = str(form.get("From", ""))
-    person, conversation_id = await _person_and_conversation(rt, caller, call_sid)
-    call = LiveCall(rt, call_sid, person, conversation_id)
-    token = request.app[REGISTRY].park(call)
-    call.open_upstream()
-    log.info("call %s: answered, session opening", call_sid)
+    CALLS.inc()
+    with correlated(f"call={call_sid}"):  # inherited by the call's upstream task
+        person, conversation_id = await _person_and_conversation(rt, caller, call_sid)
+        call = LiveCall(rt, call_sid, person, conversation_id)
+        token = request.app[REGISTRY].park(call)
+        call.open_upstream()
+        log.info("call answered, session opening")
     return web.Response(text=_twiml(rt, caller, call_sid, token), content_type="text/xml")
 
 
@@ -323,6 +364,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     if not rt.signatures.ws_ok(request):
         log.warning("media stream: invalid Twilio signature from %s", request.remote)
+        REJECTED_SIGNATURES.labels("media-stream").inc()
         return web.Response(status=403, text="invalid signature")
     ws = web.WebSocketResponse(compress=False, max_msg_size=1 << 20)
     await ws.prepare(request)
@@ -330,15 +372,18 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     if call is None:
         await ws.close(code=1008, message=b"unknown or used stream token")
         return ws
-    call.ws = ws
-    await call.upstream_ready.wait()
-    await call.on_twilio(start)
-    try:
-        await _relay(ws, call)
-    finally:
-        await call.end()
-        request.app[REGISTRY].live.pop(call.call_sid, None)
-        await call.drain()
+    with correlated(f"call={call.call_sid}"):
+        call.ws = ws
+        ACTIVE_CALLS.inc()
+        try:
+            await call.upstream_ready.wait()
+            await call.on_twilio(start)
+            await _relay(ws, call)
+        finally:
+            ACTIVE_CALLS.dec()
+            await call.end()
+            request.app[REGISTRY].live.pop(call.call_sid, None)
+            await call.drain()
     return ws
 
 

@@ -1,17 +1,175 @@
-"""Logging setup (and, later, the metrics registry)."""
+"""Logs and metrics.
+
+Logs: JSON lines when stderr is not a terminal (for collectors), readable text when it
+is. Every line carries the correlation id of the call or message it belongs to, taken
+from a context variable that asyncio copies into every task a handler starts, so code
+deep in a call never has to pass ids around.
+
+Metrics: one prometheus-client registry per process, served at GET /metrics.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+@contextmanager
+def correlated(cid: str) -> Iterator[None]:
+    token = correlation_id.set(cid)
+    try:
+        yield
+    finally:
+        correlation_id.reset(token)
+
+
+def mask_number(e164: str) -> str:
+    """Enough of a phone number to tell people apart in logs, not enough to call them."""
+    digits = e164.removeprefix("whatsapp:")
+    return f"{digits[:3]}…{digits[-4:]}" if len(digits) > 7 else "…"
+
+
+class _CorrelationFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.cid = correlation_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        cid = getattr(record, "cid", "")
+        if cid:
+            line["cid"] = cid
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(cidtag)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        cid = getattr(record, "cid", "")
+        record.cidtag = f" [{cid}]" if cid else ""
+        return super().format(record)
+
+
+def setup_logging(level: str = "INFO", json_lines: bool | None = None) -> None:
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.addFilter(_CorrelationFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
     # The SDKs log request URLs and headers at DEBUG; keep them quiet so no secret leaks.
     for noisy in ("twilio", "openai", "httpx", "websockets", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+# Metrics. Buckets span the range that matters for a phone conversation.
+REGISTRY = CollectorRegistry()
+_LATENCY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
+_FRAME_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01)
+
+ACTIVE_CALLS = Gauge("gateway_active_calls", "Calls with a live media stream", registry=REGISTRY)
+CALLS = Counter("gateway_calls_total", "Calls answered by the voice webhook", registry=REGISTRY)
+TURNS = Counter("gateway_turns_total", "Conversation turns recorded", ["channel", "role"],
+                registry=REGISTRY)  # fmt: skip
+RESPONSE_LATENCY = Histogram(
+    "gateway_response_latency_seconds",
+    "End of caller speech to first reply frame sent to Twilio",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+UPSTREAM_FIRST_AUDIO = Histogram(
+    "gateway_upstream_first_audio_seconds",
+    "Realtime speech_stopped to first audio delta received",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+GREETING = Histogram(
+    "gateway_greeting_seconds",
+    "Media stream start to first greeting frame sent",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+FRAME_FORWARD = Histogram(
+    "gateway_frame_forward_seconds",
+    "Time spent in the gateway per relayed frame (sampled 1 in 16)",
+    ["direction"],
+    buckets=_FRAME_BUCKETS,
+    registry=REGISTRY,
+)
+WHATSAPP_WEBHOOK = Histogram(
+    "gateway_whatsapp_webhook_seconds",
+    "WhatsApp webhook: request received to 200 answered",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
+)
+WHATSAPP_REPLY = Histogram(
+    "gateway_whatsapp_reply_seconds",
+    "WhatsApp message accepted to reply handed to Twilio",
+    buckets=(0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60),
+    registry=REGISTRY,
+)
+ERRORS = Counter("gateway_errors_total", "Errors by kind", ["kind"], registry=REGISTRY)
+RECONNECTS = Counter("gateway_upstream_reconnects_total", "Realtime sessions re-opened mid-call",
+                     registry=REGISTRY)  # fmt: skip
+REJECTED_SIGNATURES = Counter(
+    "gateway_rejected_signatures_total",
+    "Requests refused for a bad Twilio signature",
+    ["route"],
+    registry=REGISTRY,
+)
+
+FRAME_SAMPLE_EVERY = 16  # a histogram observe per frame would cost more than the relay itself
+
+
+class FrameTimer:
+    """Samples per-frame gateway time cheaply: one clock read pair every N frames."""
+
+    __slots__ = ("_count", "_histogram")
+
+    def __init__(self, direction: str) -> None:
+        self._histogram = FRAME_FORWARD.labels(direction)
+        self._count = 0
+
+    def due(self) -> bool:
+        self._count += 1
+        return self._count % FRAME_SAMPLE_EVERY == 1  # the first, then every Nth
+
+    def observe_since(self, started: float) -> None:
+        self._histogram.observe(time.perf_counter() - started)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )

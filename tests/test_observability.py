@@ -1,0 +1,86 @@
+import io
+import logging
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.observability import JsonFormatter, correlated, mask_number, setup_logging
+from gateway.sim.caller import SimulatedCaller
+from gateway.sim.realtime import RealtimeSimConfig
+from gateway.sim.speech import speech_mulaw
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+
+
+@pytest.fixture
+def sim_config() -> RealtimeSimConfig:
+    return RealtimeSimConfig(first_audio_latency_ms=50, speed=8.0, reply_text="Olá, tudo bem?")
+
+
+async def scrape(url: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+async def test_metrics_count_calls_latency_and_rejected_signatures(gateway, realtime_sim):
+    before = await scrape(gateway.url)
+    forged = SimulatedCaller(gateway.url, gateway.url, "wrong-token", ACCOUNT_SID)
+    async with forged:
+        assert (await forged.dial()).status == 403
+    caller = SimulatedCaller(gateway.url, gateway.url, AUTH_TOKEN, ACCOUNT_SID)
+    async with caller:
+        await caller.dial()
+        await caller.connect()
+        during = await scrape(gateway.url)
+        await caller.wait_playback_idle(quiet_s=0.3)
+        await caller.speak_and_wait(speech_mulaw(1000, seed=4))
+        await caller.wait_playback_idle(quiet_s=0.3)
+        await caller.hangup()
+    after = await scrape(gateway.url)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert during["gateway_active_calls{}"] == before.get("gateway_active_calls{}", 0) + 1
+    assert after["gateway_active_calls{}"] == before.get("gateway_active_calls{}", 0)
+    assert delta("gateway_calls_total{}") == 1
+    assert delta("gateway_rejected_signatures_total{route=voice}") == 1
+    assert delta("gateway_greeting_seconds_count{}") == 1
+    assert delta("gateway_response_latency_seconds_count{}") >= 1
+    assert delta("gateway_upstream_first_audio_seconds_count{}") >= 1
+    assert delta("gateway_frame_forward_seconds_count{direction=inbound}") >= 1
+    assert delta("gateway_frame_forward_seconds_count{direction=outbound}") >= 1
+    assert delta("gateway_turns_total{channel=call,role=assistant}") >= 2
+
+
+def test_json_log_lines_carry_the_correlation_id():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    setup_logging("INFO", json_lines=True)
+    root = logging.getLogger()
+    handler.setFormatter(JsonFormatter())
+    handler.filters = root.handlers[0].filters
+    root.addHandler(handler)
+    try:
+        with correlated("call=CA123"):
+            logging.getLogger("gateway.test").info("hello %s", "world")
+        logging.getLogger("gateway.test").info("outside")
+    finally:
+        root.removeHandler(handler)
+    first, second = (orjson.loads(line) for line in stream.getvalue().splitlines())
+    assert first["msg"] == "hello world" and first["cid"] == "call=CA123"
+    assert first["level"] == "INFO" and first["logger"] == "gateway.test"
+    assert "cid" not in second
+
+
+def test_phone_numbers_are_masked():
+    assert mask_number("whatsapp:+5516999990001") == "+55…0001"
+    assert "99999" not in mask_number("+5516999990001")
