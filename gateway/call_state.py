@@ -96,7 +96,7 @@ class _Item:
 class TurnTiming:
     """One caller turn, wall-clock seconds from the injected clock."""
 
-    end_of_speech: float  # the caller stopped talking (aligned via speech_stopped.audio_end_ms)
+    end_of_speech: float  # the caller stopped talking: speech_stopped.audio_end_ms - silence
     speech_stopped_at: float  # the server's VAD said so (end_of_speech + silence window)
     first_delta_at: float | None = None
     first_frame_at: float | None = None
@@ -134,6 +134,7 @@ class CallState:
     turns: list[TurnTiming] = field(default_factory=list)
     frames_sent: int = 0
     interrupt_response: bool = True
+    vad_silence_ms: int = 0
 
     def __post_init__(self) -> None:
         self._chunker = FrameChunker(FRAME_BYTES)
@@ -218,6 +219,7 @@ class CallState:
         )
         turn = audio.get("input", {}).get("turn_detection") or {}
         self.interrupt_response = bool(turn.get("interrupt_response", False))
+        self.vad_silence_ms = int(turn.get("silence_duration_ms") or 0)
         if formats != (self.expected_format, self.expected_format):
             log.error("session formats %s, expected %s: ending call", formats, self.expected_format)
             return [EndCall(f"upstream audio format {formats} is not {self.expected_format}")]
@@ -329,7 +331,8 @@ class CallState:
         )
 
     def _on_speech_stopped(self, event: dict[str, Any], now: float) -> list[Action]:
-        end_ms = int(event.get("audio_end_ms", 0))
+        # audio_end_ms includes the VAD's silence window; the caller stopped before it.
+        end_ms = int(event.get("audio_end_ms", 0)) - self.vad_silence_ms
         end_of_speech = self._wall_time_of(end_ms, now)
         self._pending_turn = TurnTiming(end_of_speech=end_of_speech, speech_stopped_at=now)
         self.turns.append(self._pending_turn)

@@ -201,6 +201,21 @@ def test_turn_latency_runs_from_end_of_speech_to_first_frame():
     assert turn.gateway_ms == 0.0
 
 
+def test_end_of_speech_excludes_the_vad_silence_window():
+    state = CallState()
+    start(state, now=0.0)
+    updated = session_updated()
+    updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] = 500
+    state.on_realtime(updated, 0.0)
+    t = 0.0
+    for _ in range(60):
+        t += 0.02
+        state.on_twilio(media(speech_mulaw(20)), t)
+    # Speech ended at 600 ms of audio; the server reports 1100 (600 + its 500 ms of silence).
+    state.on_realtime({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 1100}, 1.15)
+    assert round(state.turns[-1].end_of_speech, 2) == 0.6
+
+
 def test_assistant_turn_is_recorded_once_played_with_its_latency():
     state = CallState()
     start(state)

@@ -1,0 +1,148 @@
+"""What the dashboard shows, as one JSON-ready dict: health, live calls, latency, people.
+
+Built fresh on every poll from the running gateway and the store. Phone numbers leave here
+masked; everything else a caller said is passed as text, and the page only ever puts it in
+the DOM as text.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.calls import REGISTRY, LiveCall
+from gateway.observability import mask_number
+from gateway.runtime import RUNTIME, Runtime
+from gateway.store import Store, utcnow
+from gateway.store.reports import (
+    ConversationReport,
+    LatencySamples,
+    PersonReport,
+    latency_samples,
+    recent_people,
+)
+
+# Lower edges of the histogram's buckets (ms); the last bucket is open. Finer where calls
+# land: VAD silence (~500 ms) plus the upstream's first audio (~300-700 ms).
+HISTOGRAM_EDGES_MS = (0, 200, 400, 500, 600, 700, 800, 900, 1000, 1200, 1400, 1700, 2000, 3000)
+PERCENTILES = (50, 95, 99)
+
+
+async def build(app: web.Application) -> dict[str, Any]:
+    rt = app[RUNTIME]
+    store = rt.store
+    store_ok = store is not None and await store.ping()
+    people: list[PersonReport] = []
+    samples = LatencySamples([], [], [])
+    if store_ok:
+        assert store is not None
+        people, samples = await _from_store(store)
+    registry = app.get(REGISTRY)
+    calls = list(registry.live.values()) if registry is not None else []
+    return {
+        "generated_at": utcnow(),
+        "health": health(rt, store_ok),
+        "live_calls": [live_call(c) for c in calls],
+        "latency": latency(samples),
+        "people": [person(p) for p in people],
+    }
+
+
+async def _from_store(store: Store) -> tuple[list[PersonReport], LatencySamples]:
+    return await recent_people(store), await latency_samples(store)
+
+
+def health(rt: Runtime, store_ok: bool) -> dict[str, Any]:
+    return {
+        "status": "ok" if store_ok else "degraded",
+        "version": __version__,
+        "uptime_s": round(rt.uptime_s, 1),
+        "store": store_ok,
+        "realtime": {"backend": rt.realtime_backend, "model": rt.settings.realtime_model},
+        "twilio": {"backend": rt.twilio_backend},
+        "sandbox": rt.realtime_sim is not None or rt.twilio_sim is not None,
+    }
+
+
+def live_call(call: LiveCall) -> dict[str, Any]:
+    state = call.state
+    started = state.started_at
+    latencies = [t.response_latency_ms for t in state.turns if t.response_latency_ms is not None]
+    return {
+        "call_sid": call.call_sid,
+        "number": mask_number(call.person.e164) if call.person else None,
+        "name": call.person.name if call.person else None,
+        "duration_s": round(call.clock() - started, 1) if started is not None else None,
+        "turns": len(state.turns),
+        "last_latency_ms": _round(latencies[-1]) if latencies else None,
+        "greeting_ms": _round(state.greeting_ms),
+        "reconnects": call.reconnects,
+    }
+
+
+def person(report: PersonReport) -> dict[str, Any]:
+    return {
+        "number": mask_number(report.e164),
+        "name": report.name,
+        "last_activity_at": report.last_activity_at,
+        "conversations": [conversation(c) for c in report.conversations],
+    }
+
+
+def conversation(report: ConversationReport) -> dict[str, Any]:
+    return {
+        "id": report.id,
+        "channel": report.channel,
+        "started_at": report.started_at,
+        "ended_at": report.ended_at,
+        "turns": [
+            {"role": t.role, "text": t.text, "at": t.at, "latency_ms": _round(t.latency_ms)}
+            for t in report.turns
+        ],
+    }
+
+
+def latency(samples: LatencySamples) -> dict[str, Any]:
+    return {
+        "response": summary(samples.response_ms),
+        "greeting": summary(samples.greeting_ms),
+        "upstream": summary(samples.upstream_ms),
+        "histogram": {
+            "edges_ms": list(HISTOGRAM_EDGES_MS),
+            "counts": histogram(samples.response_ms),
+        },
+    }
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    ordered = sorted(values)
+    result: dict[str, Any] = {"count": len(ordered)}
+    for q in PERCENTILES:
+        result[f"p{q}"] = _round(percentile(ordered, q))
+    return result
+
+
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default), on sorted values."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def histogram(values: Sequence[float], edges: Sequence[float] = HISTOGRAM_EDGES_MS) -> list[int]:
+    """Counts per bucket [edges[i], edges[i+1]); the last bucket takes everything above."""
+    counts = [0] * len(edges)
+    for value in values:
+        counts[max(0, bisect.bisect_right(edges, value) - 1)] += 1
+    return counts
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
