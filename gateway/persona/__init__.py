@@ -113,6 +113,7 @@ def load_persona(name: str | os.PathLike[str] = "endrigo", root: Path | None = N
         prompt=_templates(meta, "prompt", PROMPT_FIELDS),
         tz=_offset(fields["utc_offset"]),
         source=directory,
+        summarizer=_read_layer(directory, "summary"),
     )
 
 

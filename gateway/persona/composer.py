@@ -51,6 +51,7 @@ class Persona:
     prompt: dict[str, str]  # headings and sentences framing the memory sections
     tz: tzinfo  # local time for the dates shown in the history
     source: Path  # directory it was loaded from, for logs and errors
+    summarizer: str = ""  # instructions for the text model that keeps the rolling summary
 
 
 @dataclass

@@ -48,6 +48,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from gateway.realtime_events import ClientEventError, check_client_event
+from gateway.sim.responses import ResponsesSimulator
 from gateway.sim.speech import synth_speech
 from gateway.transcode import MULAW_DECODE, MULAW_ENCODE
 
@@ -1467,6 +1468,9 @@ class RealtimeSimulator:
         self.sessions: list[SimSession] = []
         self.app = web.Application()
         self.attach(self.app)
+        # The sibling text API the summarizer uses, on the same base URL as the real one.
+        self.responses = ResponsesSimulator()
+        self.responses.attach(self.app)
         self.port: int | None = None
         self.host = "127.0.0.1"
         self._runner: web.AppRunner | None = None
