@@ -59,6 +59,7 @@ class RecordTurn:
 class RecordUsage:
     response_id: str | None
     usage: dict[str, Any]
+    audio_ms: int = 0  # reply audio the model generated for this response
 
 
 @dataclass(slots=True)
@@ -234,7 +235,11 @@ class CallState:
         if response.get("id") == self._active_response:
             self._active_response = None
         usage = response.get("usage")
-        return [RecordUsage(response.get("id"), usage)] if usage else []
+        if not usage:
+            return []
+        rid = response.get("id")
+        audio = sum(i.received for i in self._items.values() if i.response_id == rid)
+        return [RecordUsage(rid, usage, audio // MULAW_BYTES_PER_MS)]
 
     def _on_audio_delta(self, event: dict[str, Any], now: float) -> list[Action]:
         response_id = event.get("response_id", "")

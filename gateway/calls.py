@@ -240,6 +240,7 @@ class LiveCall:
                 output_tokens=u.get("output_tokens", 0),
                 input_audio_tokens=details_in.get("audio_tokens", 0),
                 output_audio_tokens=details_out.get("audio_tokens", 0),
+                audio_seconds=usage.audio_ms / 1000,
             )
         )
 

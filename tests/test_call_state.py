@@ -267,7 +267,7 @@ def test_dtmf_stop_usage_and_errors():
     assert dtmf == RecordTurn("dtmf", "7")
     usage = {"total_tokens": 10}
     [u] = state.on_realtime({"type": "response.done", "response": {"id": "r", "usage": usage}}, 0)
-    assert u == RecordUsage("r", usage)
+    assert u == RecordUsage("r", usage, 0)
     benign = {"type": "error", "error": {"code": "response_cancel_not_active", "message": "x"}}
     assert state.on_realtime(benign, 0) == []
     [err] = state.on_realtime({"type": "error", "error": {"code": "boom", "message": "m"}}, 0)
