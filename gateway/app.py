@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import calls, dashboard
+from gateway import calls, dashboard, whatsapp
 from gateway.health import health
 from gateway.observability import metrics
 from gateway.persona import load_persona
@@ -27,6 +27,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     calls.setup(app, settings.call_claim_timeout_s)
+    whatsapp.setup(app)  # also serves the published voice notes (gateway.media)
     dashboard.setup(app)  # GET / behind ADMIN_TOKEN
     return app
 

@@ -49,6 +49,11 @@ class Settings:
     vad_prefix_ms: int = 300
     sim_first_audio_ms: int = 300
     call_claim_timeout_s: float = 10.0
+    whatsapp_session_idle_s: float = 180.0
+    whatsapp_concurrency: int = 16
+    max_media_bytes: int = 16 * 1024 * 1024
+    max_voice_note_s: int = 300
+    media_ttl_s: int = 3600
 
     @property
     def sandbox_realtime(self) -> bool:
@@ -102,6 +107,15 @@ class Settings:
             vad_prefix_ms=reader.integer("VAD_PREFIX_MS", 300, 0, 2000),
             sim_first_audio_ms=reader.integer("SIM_FIRST_AUDIO_MS", 300, 0, 10000),
             call_claim_timeout_s=reader.number("CALL_CLAIM_TIMEOUT_S", 10.0, 0.5, 120.0),
+            # Below the Realtime API's 60-minute session cap, which the warm session must not hit.
+            whatsapp_session_idle_s=reader.number("WHATSAPP_SESSION_IDLE_S", 180.0, 1.0, 3000.0),
+            whatsapp_concurrency=reader.integer("WHATSAPP_CONCURRENCY", 16, 1, 256),
+            # WhatsApp's own media limit is 16 MB; more is never a legitimate voice note.
+            max_media_bytes=reader.integer(
+                "MAX_MEDIA_BYTES", 16 * 1024 * 1024, 1024, 100 * 1024 * 1024
+            ),
+            max_voice_note_s=reader.integer("MAX_VOICE_NOTE_S", 300, 1, 900),
+            media_ttl_s=reader.integer("MEDIA_TTL_S", 3600, 60, 7 * 24 * 3600),
         )
 
 

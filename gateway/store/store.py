@@ -4,7 +4,7 @@ media and usage. The only module that speaks SQL."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -296,3 +296,314 @@ class Store:
                 utcnow(),
             ),
         )
+
+    # ---- WhatsApp: queue timing, replies, outbound messages, published media -------------
+
+    async def accept_inbound_batch(self, arrivals: list[Arrival]) -> list[bool]:
+        """Accept many webhooks in one transaction; True for each MessageSid not seen before.
+
+        Group commit for bursts: a few statements and one commit whatever the batch size,
+        instead of three round trips and commits per webhook. The transaction spans several
+        awaits, so call this only on a Store of its own (the webhook intake opens one): on a
+        shared Store, other tasks' statements would run inside it. One batch at a time.
+        """
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            fresh = await self._accept_in_transaction(arrivals)
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        await self._db.execute("COMMIT")
+        return fresh
+
+    async def _accept_in_transaction(self, arrivals: list[Arrival]) -> list[bool]:
+        now = utcnow()
+        people = {a.e164: a.name for a in arrivals}
+        await self._db.executemany(
+            _UPSERT_PERSON, [(e164, name, now, now) for e164, name in people.items()]
+        )
+        seen = await self._known_sids([a.message_sid for a in arrivals])
+        fresh = []
+        for arrival in arrivals:
+            fresh.append(arrival.message_sid not in seen)
+            seen.add(arrival.message_sid)  # the same SID twice in one batch: once
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO inbound_messages (message_sid, person_id, payload, "
+            "next_try_at, received_at, updated_at) SELECT ?, id, ?, ?, ?, ? FROM people "
+            "WHERE e164 = ?",
+            [
+                (a.message_sid, json.dumps(a.payload, ensure_ascii=False), now, now, now, a.e164)
+                for a, new in zip(arrivals, fresh, strict=True)
+                if new
+            ],
+        )
+        return fresh
+
+    async def _known_sids(self, sids: list[str]) -> set[str]:
+        known: set[str] = set()
+        for start in range(0, len(sids), _SQLITE_MAX_PARAMS):
+            chunk = sids[start : start + _SQLITE_MAX_PARAMS]
+            marks = ",".join("?" * len(chunk))
+            async with self._db.execute(
+                f"SELECT message_sid FROM inbound_messages WHERE message_sid IN ({marks})", chunk
+            ) as cur:
+                known.update(row[0] for row in await cur.fetchall())
+        return known
+
+    async def next_inbound_due(self) -> datetime | None:
+        """When the earliest pending message becomes claimable (None: nothing pending)."""
+        async with self._db.execute(
+            "SELECT MIN(next_try_at) FROM inbound_messages WHERE status = 'pending'"
+        ) as cur:
+            (due,) = await cur.fetchone()
+        return datetime.fromisoformat(due) if due else None
+
+    async def inbound_record(self, message_sid: str) -> InboundRecord | None:
+        async with self._db.execute(
+            "SELECT message_sid, person_id, status, attempts, error FROM inbound_messages "
+            "WHERE message_sid = ?",
+            (message_sid,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return InboundRecord(
+            row["message_sid"], row["person_id"], row["status"], row["attempts"], row["error"]
+        )
+
+    async def save_reply(self, reply: WhatsAppReply) -> None:
+        """Keep a reply; a model reply's turns are written with it (see 0002_whatsapp.sql)."""
+        await self._db.execute(
+            "INSERT INTO whatsapp_replies (message_sid, person_id, conversation_id, kind, "
+            "user_text, user_audio_ms, text, audio_ms, media_ids, response_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                reply.message_sid,
+                reply.person_id,
+                reply.conversation_id,
+                reply.kind,
+                reply.user_text,
+                reply.user_audio_ms,
+                reply.text,
+                reply.audio_ms,
+                json.dumps(reply.media_ids),
+                reply.response_id,
+                utcnow(),
+            ),
+        )
+
+    async def reply_for(self, message_sid: str) -> WhatsAppReply | None:
+        async with self._db.execute(
+            "SELECT * FROM whatsapp_replies WHERE message_sid = ?", (message_sid,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return WhatsAppReply(
+            message_sid=row["message_sid"],
+            person_id=row["person_id"],
+            conversation_id=row["conversation_id"],
+            kind=row["kind"],
+            text=row["text"],
+            user_text=row["user_text"],
+            user_audio_ms=row["user_audio_ms"],
+            audio_ms=row["audio_ms"],
+            media_ids=json.loads(row["media_ids"]),
+            response_id=row["response_id"],
+        )
+
+    async def record_outbound(
+        self,
+        inbound_sid: str,
+        part: int,
+        kind: str,
+        *,
+        message_sid: str | None,
+        status: str,
+        error_code: int | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        """One part of a reply went to Twilio (or Twilio refused it: no SID, an error code).
+
+        A status callback may already have created the row by SID; its status is kept when it
+        is further along than the create's answer.
+        """
+        now = utcnow()
+        await self._db.execute(
+            "INSERT INTO outbound_messages (message_sid, inbound_sid, part, kind, status, "
+            "status_rank, error_code, error_message, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(message_sid) DO UPDATE SET "
+            "inbound_sid = excluded.inbound_sid, part = excluded.part, kind = excluded.kind, "
+            + _KEEP_FURTHEST_STATUS,
+            (
+                message_sid,
+                inbound_sid,
+                part,
+                kind,
+                status,
+                status_rank(status),
+                error_code,
+                error_message,
+                now,
+                now,
+            ),
+        )
+
+    async def update_outbound_status(
+        self,
+        message_sid: str,
+        status: str,
+        error_code: int | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        """A status callback; callbacks can arrive out of order, so a status never goes back."""
+        now = utcnow()
+        await self._db.execute(
+            "INSERT INTO outbound_messages (message_sid, status, status_rank, error_code, "
+            "error_message, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(message_sid) DO UPDATE SET " + _KEEP_FURTHEST_STATUS,
+            (message_sid, status, status_rank(status), error_code, error_message, now, now),
+        )
+
+    async def outbound_for(self, inbound_sid: str) -> list[OutboundMessage]:
+        """The messages sent for one inbound message, in reply order."""
+        async with self._db.execute(
+            "SELECT * FROM outbound_messages WHERE inbound_sid = ? ORDER BY part",
+            (inbound_sid,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            OutboundMessage(
+                r["message_sid"],
+                r["inbound_sid"],
+                r["part"],
+                r["kind"],
+                r["status"],
+                r["error_code"],
+                r["error_message"],
+            )
+            for r in rows
+        ]
+
+    async def put_media(
+        self,
+        media_id: str,
+        data: bytes,
+        content_type: str,
+        *,
+        person_id: int | None,
+        ttl_s: float,
+    ) -> None:
+        now = datetime.now(UTC)
+        await self._db.execute(
+            "INSERT INTO media (id, person_id, content_type, data, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                media_id,
+                person_id,
+                content_type,
+                data,
+                now.isoformat(timespec="milliseconds"),
+                (now + timedelta(seconds=ttl_s)).isoformat(timespec="milliseconds"),
+            ),
+        )
+
+    async def get_media(self, media_id: str) -> tuple[bytes, str] | None:
+        """(data, content type) of a published file that has not expired."""
+        async with self._db.execute(
+            "SELECT data, content_type FROM media WHERE id = ? AND expires_at > ?",
+            (media_id, utcnow()),
+        ) as cur:
+            row = await cur.fetchone()
+        return (bytes(row["data"]), row["content_type"]) if row else None
+
+    async def delete_expired_media(self) -> int:
+        cur = await self._db.execute("DELETE FROM media WHERE expires_at <= ?", (utcnow(),))
+        return cur.rowcount
+
+
+@dataclass(frozen=True)
+class InboundRecord:
+    """An inbound message's bookkeeping, without its payload."""
+
+    message_sid: str
+    person_id: int
+    status: str
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class WhatsAppReply:
+    """What we answer to one inbound message: the model's reply or a fixed message."""
+
+    message_sid: str
+    person_id: int
+    conversation_id: int | None  # set for model replies: their turns belong to it
+    kind: str  # "model" | "fixed"
+    text: str
+    user_text: str | None = None
+    user_audio_ms: int | None = None
+    audio_ms: int | None = None
+    media_ids: list[str] = field(default_factory=list)  # published voice notes, in order
+    response_id: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    message_sid: str | None
+    inbound_sid: str | None
+    part: int | None
+    kind: str | None
+    status: str
+    error_code: int | None
+    error_message: str | None
+
+
+# Twilio's message statuses in the order they happen; terminal ones last. A callback that
+# arrives late (sent after delivered) must not move a message backwards.
+_STATUS_RANKS = {
+    "accepted": 0,
+    "scheduled": 0,
+    "queued": 0,
+    "sending": 1,
+    "sent": 2,
+    "partially_delivered": 3,
+    "delivered": 3,
+    "read": 4,
+    "canceled": 5,
+    "undelivered": 5,
+    "failed": 5,
+}
+
+
+def status_rank(status: str) -> int:
+    return _STATUS_RANKS.get(status, 0)
+
+
+_KEEP_FURTHEST_STATUS = (
+    "status = CASE WHEN excluded.status_rank >= outbound_messages.status_rank "
+    "THEN excluded.status ELSE outbound_messages.status END, "
+    "status_rank = MAX(excluded.status_rank, outbound_messages.status_rank), "
+    "error_code = COALESCE(excluded.error_code, outbound_messages.error_code), "
+    "error_message = COALESCE(excluded.error_message, outbound_messages.error_message), "
+    "updated_at = excluded.updated_at"
+)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One webhook to accept: who sent it (E.164), their profile name, its SID and fields."""
+
+    e164: str
+    name: str | None
+    message_sid: str
+    payload: dict[str, Any]
+
+
+_UPSERT_PERSON = (
+    "INSERT INTO people (e164, name, first_seen, last_seen) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(e164) DO UPDATE SET last_seen = excluded.last_seen, "
+    "name = COALESCE(excluded.name, people.name)"
+)
+_SQLITE_MAX_PARAMS = 900  # below SQLite's default limit of 999 host parameters

@@ -1,0 +1,475 @@
+"""WhatsApp's side of the Realtime API: one warm session per person, one turn per message.
+
+A person's session stays open for `WHATSAPP_SESSION_IDLE_S` after their last message, so
+consecutive messages share the model's context and skip the connect time. A dropped session is
+reopened with persona and memory (which by then holds every earlier reply), and the turn is
+tried once more. One response at a time per person.
+
+A turn: a voice note (PCM16 24 kHz) is appended in 1 s chunks, committed and answered
+(`turn_detection` is null: each message is a whole turn); a text message becomes a user
+`input_text` item. Both ask for audio output, which carries its transcript. The reply's audio
+is encoded to OGG/Opus as its deltas arrive, so the voice note is ready when the response is.
+
+`ReplyCollector` and `NoteEncoder` are plain classes without I/O; `WarmSessions` moves events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from gateway.bridge import RealtimeSession, UpstreamClosed, voice_note_session
+from gateway.memory import instructions_for, load_memory
+from gateway.persona import Channel, MemoryContext, greeting_instruction
+from gateway.runtime import Runtime
+from gateway.store import Person
+from gateway.transcode import PCM24K_BYTES_PER_MS, OpusEncoder
+
+log = logging.getLogger(__name__)
+
+APPEND_BYTES = 1000 * PCM24K_BYTES_PER_MS  # 1 s per append; the API takes up to 15 MiB
+MIN_COMMIT_BYTES = 150 * PCM24K_BYTES_PER_MS  # the API refuses commits under 100 ms
+# WhatsApp shows a play button only up to 512 KB; at 24 kbps 150 s is ~450 KB with OGG framing.
+MAX_NOTE_MS = 150_000
+VOICE_NOTE_LIMIT_BYTES = 512 * 1024
+TURN_TIMEOUT_S = 120.0
+TRANSCRIPT_GRACE_S = 2.0  # the voice note's own transcript may trail the response a little
+MAX_SESSION_AGE_S = 50 * 60  # rotate before the API's 60-minute cap closes the session
+GREET_AFTER = timedelta(hours=6)  # a person back after this long is greeted again
+
+
+@dataclass(frozen=True)
+class TextInput:
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    pcm: bytes = field(repr=False)  # PCM16 little-endian, mono, 24 kHz
+    duration_ms: int
+
+
+TurnInput = TextInput | AudioInput
+
+
+@dataclass(frozen=True)
+class VoiceReply:
+    text: str  # the reply's transcript
+    notes: list[bytes] = field(repr=False)  # OGG/Opus voice notes, each a playable size
+    audio_ms: int
+    user_text: str  # what the person wrote, or the transcript of their voice note ("" if none)
+    user_audio_ms: int | None  # the voice note's length; None for text
+    conversation_id: int | None
+    response_id: str | None
+
+
+class RealtimeUnavailable(Exception):
+    """The turn could not be answered now (connect failure, drop, error, timeout)."""
+
+
+class TurnFailed(Exception):
+    """The Realtime API refused or failed this turn."""
+
+
+def channel_of(turn: TurnInput) -> Channel:
+    return "whatsapp_voice" if isinstance(turn, AudioInput) else "whatsapp_text"
+
+
+class NoteEncoder:
+    """PCM16 24 kHz deltas -> OGG/Opus voice notes, split so each stays playable."""
+
+    def __init__(self, max_note_ms: int = MAX_NOTE_MS) -> None:
+        self._max_bytes = max_note_ms * PCM24K_BYTES_PER_MS
+        self._notes: list[bytes] = []
+        self._current: OpusEncoder | None = None
+        self._current_bytes = 0
+        self.pcm_bytes = 0
+
+    @property
+    def duration_ms(self) -> int:
+        return self.pcm_bytes // PCM24K_BYTES_PER_MS
+
+    def push(self, pcm: bytes) -> None:
+        self.pcm_bytes += len(pcm)
+        while pcm:
+            if self._current is None:
+                self._current, self._current_bytes = OpusEncoder(), 0
+            room = self._max_bytes - self._current_bytes
+            piece, pcm = pcm[:room], pcm[room:]
+            self._current.push(piece)
+            self._current_bytes += len(piece)
+            if self._current_bytes >= self._max_bytes:
+                self._close_note()
+
+    def finish(self) -> list[bytes]:
+        if self._current is not None:
+            self._close_note()
+        return self._notes
+
+    def _close_note(self) -> None:
+        assert self._current is not None
+        note = self._current.finish()
+        self._current = None
+        if note:
+            self._notes.append(note)
+
+
+class BackgroundEncoder:
+    """A NoteEncoder fed from the event loop but run in a worker thread.
+
+    Opus encoding is CPU work (~1 ms per delta) that would otherwise delay every webhook
+    answered meanwhile; PyAV releases the GIL while it encodes. Chunks that arrive while the
+    thread is busy are joined into one push, so the order is kept and thread hops stay few.
+    """
+
+    def __init__(self, encoder: NoteEncoder | None = None) -> None:
+        self._encoder = encoder or NoteEncoder()
+        self._pending = bytearray()
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def duration_ms(self) -> int:
+        return (self._encoder.pcm_bytes + len(self._pending)) // PCM24K_BYTES_PER_MS
+
+    def push(self, pcm: bytes) -> None:
+        self._pending += pcm
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.create_task(self._encode_pending())
+
+    async def finish(self) -> list[bytes]:
+        if self._drain is not None:
+            await self._drain
+        await self._encode_pending()
+        return await asyncio.to_thread(self._encoder.finish)
+
+    def cancel(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
+
+    async def _encode_pending(self) -> None:
+        while self._pending:
+            chunk = bytes(self._pending)
+            self._pending.clear()
+            await asyncio.to_thread(self._encoder.push, chunk)
+
+
+class ReplyCollector:
+    """One turn's server events -> the reply. No I/O; audio is handed on as it comes."""
+
+    def __init__(self, on_audio: Callable[[bytes], None], *, wants_user_transcript: bool) -> None:
+        self.on_audio = on_audio
+        self.user_item_id: str | None = None
+        self.user_transcript = ""
+        self.user_transcript_settled = not wants_user_transcript
+        self.response_id: str | None = None
+        self._transcript_parts: list[str] = []
+        self.transcript: str | None = None
+        self.status: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status is not None or self.error is not None
+
+    @property
+    def reply_text(self) -> str:
+        text = self.transcript if self.transcript is not None else "".join(self._transcript_parts)
+        return text.strip()
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type", "")
+        handler = getattr(self, "_on_" + kind.replace(".", "_"), None)
+        if handler is not None:
+            handler(event)
+
+    def _on_input_audio_buffer_committed(self, event: dict[str, Any]) -> None:
+        self.user_item_id = event.get("item_id")
+
+    def _on_conversation_item_input_audio_transcription_completed(
+        self, event: dict[str, Any]
+    ) -> None:
+        if self.user_item_id is not None and event.get("item_id") == self.user_item_id:
+            self.user_transcript = str(event.get("transcript") or "").strip()
+            self.user_transcript_settled = True
+
+    def _on_conversation_item_input_audio_transcription_failed(self, event: dict[str, Any]) -> None:
+        if event.get("item_id") == self.user_item_id:
+            self.user_transcript_settled = True
+
+    def _on_response_created(self, event: dict[str, Any]) -> None:
+        if self.response_id is None:  # one response at a time: the first one is ours
+            self.response_id = (event.get("response") or {}).get("id")
+
+    def _ours(self, event: dict[str, Any]) -> bool:
+        return self.response_id is not None and event.get("response_id") == self.response_id
+
+    def _on_response_output_audio_delta(self, event: dict[str, Any]) -> None:
+        if self._ours(event):
+            self.on_audio(base64.b64decode(event.get("delta") or ""))
+
+    def _on_response_output_audio_transcript_delta(self, event: dict[str, Any]) -> None:
+        if self._ours(event):
+            self._transcript_parts.append(str(event.get("delta") or ""))
+
+    def _on_response_output_audio_transcript_done(self, event: dict[str, Any]) -> None:
+        if self._ours(event):
+            self.transcript = str(event.get("transcript") or "")
+
+    def _on_response_done(self, event: dict[str, Any]) -> None:
+        response = event.get("response") or {}
+        if response.get("id") != self.response_id:
+            return
+        self.status = str(response.get("status") or "failed")
+        self.usage = response.get("usage")
+        if self.status in ("failed", "cancelled"):
+            details = response.get("status_details") or {}
+            problem = details.get("error") or {}
+            self.error = f"response {self.status}: {problem.get('message') or details}"
+
+    def _on_error(self, event: dict[str, Any]) -> None:
+        err = event.get("error") or {}
+        self.error = f"{err.get('code') or err.get('type')}: {err.get('message')}"
+
+
+@dataclass
+class _Warm:
+    """One person's session, between and during turns."""
+
+    person: Person
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    session: RealtimeSession | None = None
+    memory: MemoryContext | None = None
+    channel: Channel | None = None
+    conversation_id: int | None = None
+    opened_at: float = 0.0
+    responses: int = 0
+    users: int = 0  # turns waiting or running: the idle timer leaves a busy session alone
+    idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def usable(self) -> bool:
+        fresh = time.monotonic() - self.opened_at < MAX_SESSION_AGE_S
+        return self.session is not None and not self.session.closed and fresh
+
+
+class WarmSessions:
+    def __init__(self, rt: Runtime, idle_s: float) -> None:
+        self.rt = rt
+        self.idle_s = idle_s
+        self._warm: dict[int, _Warm] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def reply(self, person: Person, turn: TurnInput, log_id: str) -> VoiceReply:
+        """Answer one message in the person's warm session (opened or reopened as needed)."""
+        warm = self._warm.setdefault(person.id, _Warm(person))
+        warm.users += 1
+        if warm.idle_timer is not None:
+            warm.idle_timer.cancel()
+        try:
+            async with warm.lock:
+                warm.person = person
+                return await self._reply_with_reconnect(warm, turn, log_id)
+        finally:
+            warm.users -= 1
+            self._arm_idle(warm)
+
+    async def close_all(self) -> None:
+        for warm in list(self._warm.values()):
+            await self._close(warm)
+        self._warm.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # turns
+    async def _reply_with_reconnect(self, warm: _Warm, turn: TurnInput, log_id: str) -> VoiceReply:
+        for attempt in (1, 2):
+            try:
+                if not warm.usable:
+                    await self._close(warm)
+                    await self._open(warm, channel_of(turn))
+                return await self._turn(warm, turn, log_id)
+            except UpstreamClosed as err:
+                await self._close(warm)
+                if attempt == 2:
+                    raise RealtimeUnavailable(f"session dropped twice: {err}") from err
+                log.warning("whatsapp %s: Realtime session dropped (%s); reopening", log_id, err)
+            except (TurnFailed, TimeoutError) as err:
+                await self._close(warm)  # its state is unknown now; the next turn starts clean
+                raise RealtimeUnavailable(str(err) or type(err).__name__) from err
+            except asyncio.CancelledError:
+                await self._close(warm)
+                raise
+            except Exception as err:  # connect refused, TLS, DNS...: transient for the queue
+                await self._close(warm)
+                raise RealtimeUnavailable(f"{type(err).__name__}: {err}") from err
+        raise AssertionError("unreachable")
+
+    async def _open(self, warm: _Warm, channel: Channel) -> None:
+        rt, settings = self.rt, self.rt.settings
+        warm.memory = await load_memory(rt.store, warm.person)
+        instructions = instructions_for(rt.persona, channel, warm.memory)
+        warm.session = await RealtimeSession.open(
+            rt.openai, settings.realtime_model, voice_note_session(settings, instructions)
+        )
+        warm.channel, warm.opened_at, warm.responses = channel, time.monotonic(), 0
+        warm.conversation_id = await rt.store.start_conversation(warm.person.id, "whatsapp")
+
+    async def _turn(self, warm: _Warm, turn: TurnInput, log_id: str) -> VoiceReply:
+        session = warm.session
+        assert session is not None
+        started = time.monotonic()
+        await self._send_input(session, turn)
+        params = self._response_params(warm, turn)
+        await session.send({"type": "response.create", "response": params})
+        encoder = BackgroundEncoder()
+        is_audio = isinstance(turn, AudioInput)
+        collector = ReplyCollector(encoder.push, wants_user_transcript=is_audio)
+        try:
+            await self._collect(session, collector)
+        except BaseException:
+            encoder.cancel()
+            raise
+        warm.responses += 1
+        reply = self._reply(warm, turn, collector, await encoder.finish(), encoder.duration_ms)
+        log.info(
+            "whatsapp %s: reply of %d ms audio, %d chars in %.0f ms",
+            log_id,
+            reply.audio_ms,
+            len(reply.text),
+            (time.monotonic() - started) * 1000,
+        )
+        await self._record_usage(warm, collector, reply.audio_ms)
+        return reply
+
+    async def _send_input(self, session: RealtimeSession, turn: TurnInput) -> None:
+        if isinstance(turn, TextInput):
+            item = {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": turn.text}],
+            }
+            await session.send({"type": "conversation.item.create", "item": item})
+            return
+        pcm = turn.pcm
+        if len(pcm) < MIN_COMMIT_BYTES:
+            pcm += bytes(MIN_COMMIT_BYTES - len(pcm))  # silence, so the commit is accepted
+        for start in range(0, len(pcm), APPEND_BYTES):
+            chunk = base64.b64encode(pcm[start : start + APPEND_BYTES]).decode()
+            await session.send({"type": "input_audio_buffer.append", "audio": chunk})
+        await session.send({"type": "input_audio_buffer.commit"})
+
+    def _response_params(self, warm: _Warm, turn: TurnInput) -> dict[str, Any]:
+        """Audio out (with its transcript); the channel's instructions when they differ."""
+        params: dict[str, Any] = {"output_modalities": ["audio"]}
+        channel, persona = channel_of(turn), self.rt.persona
+        greet = warm.responses == 0 and _should_greet(warm.memory)
+        if channel != warm.channel or greet:
+            instructions = instructions_for(persona, channel, warm.memory)
+            if greet:
+                greeting = greeting_instruction(persona, channel, warm.memory)
+                instructions = f"{instructions}\n\n{greeting}"
+            params["instructions"] = instructions
+        return params
+
+    async def _collect(self, session: RealtimeSession, collector: ReplyCollector) -> None:
+        async with asyncio.timeout(TURN_TIMEOUT_S):
+            while not collector.finished:
+                collector.on_event(await session.recv())
+        if collector.error is not None:
+            raise TurnFailed(collector.error)
+        # The reply is whole; the voice note's transcript may still be on its way.
+        with contextlib.suppress(TimeoutError, UpstreamClosed):
+            async with asyncio.timeout(TRANSCRIPT_GRACE_S):
+                while not collector.user_transcript_settled:
+                    collector.on_event(await session.recv())
+
+    def _reply(
+        self,
+        warm: _Warm,
+        turn: TurnInput,
+        collector: ReplyCollector,
+        notes: list[bytes],
+        audio_ms: int,
+    ) -> VoiceReply:
+        text = collector.reply_text
+        if not notes and not text:
+            raise TurnFailed(f"empty reply (status {collector.status})")
+        for note in notes:
+            if len(note) > VOICE_NOTE_LIMIT_BYTES:
+                log.warning("voice note of %d bytes will not show as playable", len(note))
+        is_text = isinstance(turn, TextInput)
+        return VoiceReply(
+            text=text,
+            notes=notes,
+            audio_ms=audio_ms,
+            user_text=turn.text if is_text else collector.user_transcript,
+            user_audio_ms=None if is_text else turn.duration_ms,
+            conversation_id=warm.conversation_id,
+            response_id=collector.response_id,
+        )
+
+    async def _record_usage(self, warm: _Warm, collector: ReplyCollector, audio_ms: int) -> None:
+        usage = collector.usage or {}
+        details_in = usage.get("input_token_details") or {}
+        details_out = usage.get("output_token_details") or {}
+        try:
+            await self.rt.store.add_usage(
+                warm.person.id,
+                warm.conversation_id,
+                collector.response_id,
+                input_tokens=usage.get("input_tokens") or 0,
+                output_tokens=usage.get("output_tokens") or 0,
+                input_audio_tokens=details_in.get("audio_tokens") or 0,
+                output_audio_tokens=details_out.get("audio_tokens") or 0,
+                audio_seconds=audio_ms / 1000,
+            )
+        except Exception:  # accounting must never cost the person their reply
+            log.exception("could not record usage of %s", collector.response_id)
+
+    # lifecycle
+    def _arm_idle(self, warm: _Warm) -> None:
+        if warm.users:
+            return
+        if warm.session is None:  # failed and closed: nothing to keep warm
+            if self._warm.get(warm.person.id) is warm:
+                del self._warm[warm.person.id]
+            return
+        loop = asyncio.get_running_loop()
+        warm.idle_timer = loop.call_later(self.idle_s, self._expire, warm)
+
+    def _expire(self, warm: _Warm) -> None:
+        if warm.users:
+            return
+        if self._warm.get(warm.person.id) is warm:
+            del self._warm[warm.person.id]
+        task = asyncio.ensure_future(self._close(warm))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, warm: _Warm) -> None:
+        """Close the session and end its conversation (the summarizer picks it up)."""
+        if warm.idle_timer is not None:
+            warm.idle_timer.cancel()
+            warm.idle_timer = None
+        session, warm.session = warm.session, None
+        conversation_id, warm.conversation_id = warm.conversation_id, None
+        if session is not None:
+            await session.close()
+        if conversation_id is not None:
+            with contextlib.suppress(Exception):  # the store may already be closing
+                await self.rt.store.end_conversation(conversation_id)
+
+
+def _should_greet(memory: MemoryContext | None) -> bool:
+    if memory is None or not memory.turns:
+        return True
+    last = max(turn.at for turn in memory.turns)
+    now = datetime.now(last.tzinfo) if last.tzinfo else datetime.now()
+    return now - last > GREET_AFTER

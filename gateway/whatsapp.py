@@ -1,0 +1,541 @@
+"""WhatsApp: POST /webhook/whatsapp, POST /webhook/whatsapp/status, and the message pipeline.
+
+The webhook checks Twilio's signature, stores the message in the durable queue (keyed by
+MessageSid) and answers an empty TwiML at once: the reply can take longer than the 15 s
+Twilio waits, so it goes back through the REST API. A worker (gateway.queue) runs each row
+through the pipeline, one small function per step:
+
+    download -> decode -> Realtime turn (gateway.voice_notes) -> publish (gateway.media) -> send
+
+The reply is saved before it is sent and each sent part is recorded, so a retry or a restart
+resends only what is missing. Bad input (an image, a broken or huge file, an empty message)
+gets a short fixed reply from the persona, never a crash; logs carry the MessageSid and at most
+a masked phone number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp import encode_basic_auth, web
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+
+from gateway import media
+from gateway.memory import phone_hint
+from gateway.queue import GiveUp, InboundWorker, Intake, RetryLater
+from gateway.runtime import RUNTIME, Runtime
+from gateway.store import InboundMessage, normalize_number
+from gateway.store.store import Arrival, WhatsAppReply
+from gateway.transcode import AudioDecodeError, decode_to_pcm24k
+from gateway.twilio_api import media_auth_allowed
+from gateway.voice_notes import (
+    AudioInput,
+    RealtimeUnavailable,
+    TextInput,
+    TurnInput,
+    VoiceReply,
+    WarmSessions,
+)
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhook/whatsapp"
+STATUS_PATH = "/webhook/whatsapp/status"
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+TEXT_LIMIT = 1600  # Twilio refuses longer bodies (21617)
+SEND_RETRY_DELAYS_S = (0.25, 0.5, 1.0)  # in-line retries of a Twilio 5xx/429; then the queue's
+SEND_GRACE_S = 10.0  # at shutdown, how long a started Twilio request may still take
+MEDIA_NOT_FOUND_RETRY_S = (1.0, 2.0)  # Twilio's media can 404 briefly right after the webhook
+MAX_REDIRECTS = 5
+DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+READ_CHUNK = 64 * 1024
+OUTSIDE_WINDOW = 63016
+# Messages without media that are not text either: the persona's "unsupported" reply.
+NOT_TEXT_TYPES = ("location", "contacts", "sticker", "interactive", "reaction")
+
+
+# ---- the inbound message ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """The fields of Twilio's webhook the pipeline uses."""
+
+    message_sid: str
+    person_id: int
+    sender: str  # whatsapp:+55..., the person
+    recipient: str  # whatsapp:+1..., our number: replies go out from it
+    body: str
+    num_media: int
+    media_url: str | None
+    media_type: str
+    message_type: str
+
+    @classmethod
+    def from_message(cls, message: InboundMessage) -> Inbound:
+        form = message.payload
+        try:
+            num_media = int(form.get("NumMedia") or 0)
+        except ValueError:
+            num_media = 0
+        return cls(
+            message_sid=message.message_sid,
+            person_id=message.person_id,
+            sender=str(form.get("From", "")),
+            recipient=str(form.get("To", "")),
+            body=str(form.get("Body", "")),
+            num_media=num_media,
+            media_url=form.get("MediaUrl0") or None,
+            media_type=str(form.get("MediaContentType0", "")).split(";")[0].strip().lower(),
+            message_type=str(form.get("MessageType", "")).lower(),
+        )
+
+
+def classify(inbound: Inbound) -> str:
+    """One of: audio (any audio/* media), text, unsupported (other media), empty."""
+    if inbound.num_media > 0 and inbound.media_url:
+        return "audio" if inbound.media_type.startswith("audio/") else "unsupported"
+    if inbound.message_type in NOT_TEXT_TYPES:
+        return "unsupported"
+    return "text" if inbound.body.strip() else "empty"
+
+
+class BadInput(Exception):
+    """A message the model should not see; `key` names the persona's fixed reply."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(detail)
+        self.key = key
+        self.detail = detail
+
+
+class MediaUnavailable(Exception):
+    """A transient download failure (5xx, 429, network): retry the message later."""
+
+
+# ---- step 1: download -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MediaAuth:
+    """Basic credentials, sent only to our account's media URLs on Twilio's API host."""
+
+    api_base_url: str
+    account_sid: str
+    auth_token: str
+
+    def header_for(self, url: str) -> dict[str, str]:
+        if media_auth_allowed(url, self.api_base_url, self.account_sid):
+            return {"Authorization": encode_basic_auth(self.account_sid, self.auth_token)}
+        return {}
+
+
+@dataclass(frozen=True)
+class Download:
+    data: bytes
+    content_length: int | None
+
+
+async def download_media(
+    http: aiohttp.ClientSession, url: str, auth: MediaAuth, max_bytes: int
+) -> Download:
+    """GET a MediaUrl; a brief 404 is retried, as Twilio's media can lag the webhook."""
+    for delay in (*MEDIA_NOT_FOUND_RETRY_S, None):
+        status, result = await _fetch(http, url, auth, max_bytes)
+        if result is not None:
+            return result
+        if status == 404 and delay is not None:
+            await asyncio.sleep(delay)
+            continue
+        if status == 429 or status >= 500:
+            raise MediaUnavailable(f"media host answered HTTP {status}")
+        if status in (401, 403):
+            # Our credentials were refused: a configuration problem, not the person's file.
+            raise BadInput("processing_error", f"media download refused: HTTP {status}")
+        raise BadInput("corrupt_audio", f"media not downloadable: HTTP {status}")
+    raise AssertionError("unreachable")
+
+
+async def _fetch(
+    http: aiohttp.ClientSession, url: str, auth: MediaAuth, max_bytes: int
+) -> tuple[int, Download | None]:
+    """Follow redirects by hand so each hop gets credentials only if it is Twilio's API."""
+    hop = url
+    try:
+        for _ in range(MAX_REDIRECTS + 1):
+            async with http.get(
+                hop, headers=auth.header_for(hop), allow_redirects=False, timeout=DOWNLOAD_TIMEOUT
+            ) as response:
+                if response.status in (301, 302, 303, 307, 308):
+                    hop = _redirect_target(hop, response.headers.get("Location", ""))
+                    continue
+                if response.status != 200:
+                    return response.status, None
+                return 200, await _read_limited(response, max_bytes)
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise MediaUnavailable(f"media download failed: {type(err).__name__}") from err
+    raise BadInput("corrupt_audio", "too many redirects")
+
+
+def _redirect_target(current: str, location: str) -> str:
+    target = urljoin(current, location)
+    if urlsplit(target).scheme not in ("http", "https"):
+        raise BadInput("corrupt_audio", "media redirected to a non-http URL")
+    return target
+
+
+async def _read_limited(response: aiohttp.ClientResponse, max_bytes: int) -> Download:
+    length = response.content_length
+    if length is not None and length > max_bytes:
+        raise BadInput("too_large", f"media of {length} bytes announced")
+    data = bytearray()
+    async for chunk in response.content.iter_chunked(READ_CHUNK):
+        data += chunk
+        if len(data) > max_bytes:  # no (or a lying) Content-Length: stop reading here
+            raise BadInput("too_large", f"media over {max_bytes} bytes")
+    return Download(bytes(data), length)
+
+
+# ---- step 2: decode ---------------------------------------------------------------------
+
+
+async def decode_voice_note(download: Download, max_duration_s: float) -> AudioInput:
+    """Any audio WhatsApp sends -> PCM16 24 kHz, off the event loop (it is CPU work)."""
+    try:
+        decoded = await asyncio.to_thread(
+            decode_to_pcm24k,
+            download.data,
+            max_duration_s=max_duration_s,
+            expected_length=download.content_length,
+        )
+    except AudioDecodeError as err:
+        key = "too_long" if err.reason == "too_long" else "corrupt_audio"
+        raise BadInput(key, f"audio {err.reason}: {err.message}") from err
+    except Exception as err:  # a decoder surprise is still a file we cannot hear
+        log.exception("decoding a voice note failed unexpectedly")
+        raise BadInput("corrupt_audio", f"audio undecodable: {type(err).__name__}") from err
+    return AudioInput(decoded.pcm, decoded.duration_ms)
+
+
+# ---- step 4: what to send ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    kind: str  # "text" | "voice"
+    body: str | None = None
+    media_url: str | None = None
+
+
+def reply_parts(reply: WhatsAppReply, public_base_url: str) -> list[Part]:
+    """Text first, then each voice note alone (WhatsApp audio carries no caption)."""
+    parts = [Part("text", body=chunk) for chunk in split_text(reply.text, TEXT_LIMIT)]
+    parts += [
+        Part("voice", media_url=media.voice_note_url(public_base_url, media_id))
+        for media_id in reply.media_ids
+    ]
+    return parts
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Cut a long text into messages at paragraph, sentence or word ends."""
+    text = text.strip()
+    chunks: list[str] = []
+    while len(text) > limit:
+        window = text[:limit]
+        cut = max(window.rfind("\n"), window.rfind(". "), window.rfind("? "), window.rfind("! "))
+        if cut < limit // 2:
+            cut = window.rfind(" ")
+        cut = cut + 1 if cut >= limit // 2 else limit
+        chunks.append(text[:cut].strip())
+        text = text[cut:].strip()
+    return [*chunks, text] if text else chunks
+
+
+def _retryable(status: int | None) -> bool:
+    return status is None or status == 429 or status >= 500
+
+
+# ---- the pipeline -----------------------------------------------------------------------
+
+
+class WhatsAppChannel:
+    """The channel's running parts: media downloads, warm sessions and the queue worker."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.http: aiohttp.ClientSession | None = None
+        self.sessions: WarmSessions | None = None
+        self.worker: InboundWorker | None = None
+        self.intake: Intake | None = None
+        self._sending: set[asyncio.Task[Any]] = set()
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: runs after the store and clients are open, stops before they close."""
+        settings = self.rt.settings
+        self.http = aiohttp.ClientSession(timeout=DOWNLOAD_TIMEOUT)
+        self.sessions = WarmSessions(self.rt, settings.whatsapp_session_idle_s)
+        self.worker = InboundWorker(
+            self.rt.store, self.process, concurrency=settings.whatsapp_concurrency
+        )
+        self.intake = await Intake.open(settings.database_url, self.wake)
+        await self.worker.start()
+        yield
+        await self.intake.close()
+        await self.worker.stop()
+        if self._sending:  # a message Twilio may already have: let its record land
+            await asyncio.wait(self._sending, timeout=SEND_GRACE_S)
+        await self.sessions.close_all()
+        await self.http.close()
+
+    async def accept(self, arrival: Arrival) -> bool:
+        """Store a webhook durably (before it is answered); False for a repeated MessageSid."""
+        assert self.intake is not None, "the channel starts before the server accepts requests"
+        return await self.intake.accept(arrival)
+
+    def wake(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
+
+    async def process(self, message: InboundMessage) -> None:
+        """The worker's handler: answer one message, resuming whatever a failure cut short."""
+        inbound = Inbound.from_message(message)
+        store = self.rt.store
+        reply = await store.reply_for(inbound.message_sid)
+        if reply is None:
+            reply = await self._compose(inbound, message.attempts)
+            await store.save_reply(reply)
+        await self._send(inbound, reply)
+
+    async def _compose(self, inbound: Inbound, attempts: int) -> WhatsAppReply:
+        sid = inbound.message_sid
+        try:
+            turn = await self._turn_input(inbound)
+            voice = await self._answer(inbound, turn)
+        except BadInput as bad:
+            log.info("whatsapp %s: %s; answering %s", sid, bad.detail, bad.key)
+            return self._fixed(inbound, bad.key)
+        except GiveUp:
+            raise
+        except Exception as err:  # transient (Realtime, media host) or a bug: retry, then apologise
+            if not isinstance(err, RealtimeUnavailable | MediaUnavailable):
+                log.exception("whatsapp %s: unexpected error while composing the reply", sid)
+            assert self.worker is not None
+            if attempts < self.worker.max_attempts:
+                raise RetryLater(str(err) or type(err).__name__) from err
+            log.error("whatsapp %s: %s on the last attempt; apologising", sid, err)
+            return self._fixed(inbound, "processing_error")
+        return await self._model_reply(inbound, voice)
+
+    async def _turn_input(self, inbound: Inbound) -> TurnInput:
+        kind = classify(inbound)
+        if kind == "text":
+            return TextInput(inbound.body.strip())
+        if kind == "empty":
+            raise BadInput("empty_message", "empty message")
+        if kind == "unsupported":
+            what = inbound.media_type or inbound.message_type or "unknown"
+            raise BadInput("unsupported_media", f"unsupported message ({what})")
+        assert self.http is not None and inbound.media_url is not None
+        settings = self.rt.settings
+        download = await download_media(
+            self.http, inbound.media_url, self._media_auth(), settings.max_media_bytes
+        )
+        return await decode_voice_note(download, settings.max_voice_note_s)
+
+    def _media_auth(self) -> MediaAuth:
+        rt = self.rt
+        return MediaAuth(rt.twilio_api_base_url, rt.twilio_account_sid, rt.twilio_auth_token)
+
+    async def _answer(self, inbound: Inbound, turn: TurnInput) -> VoiceReply:
+        person = await self.rt.store.person_by_id(inbound.person_id)
+        if person is None:  # erased (data deletion) between accept and now
+            raise GiveUp("the person no longer exists")
+        assert self.sessions is not None
+        return await self.sessions.reply(person, turn, inbound.message_sid)
+
+    async def _model_reply(self, inbound: Inbound, voice: VoiceReply) -> WhatsAppReply:
+        ttl = self.rt.settings.media_ttl_s
+        media_ids = [
+            await media.publish_voice_note(
+                self.rt.store, note, person_id=inbound.person_id, ttl_s=ttl
+            )
+            for note in voice.notes
+        ]
+        return WhatsAppReply(
+            message_sid=inbound.message_sid,
+            person_id=inbound.person_id,
+            conversation_id=voice.conversation_id,
+            kind="model",
+            text=voice.text,
+            user_text=voice.user_text,
+            user_audio_ms=voice.user_audio_ms,
+            audio_ms=voice.audio_ms,
+            media_ids=media_ids,
+            response_id=voice.response_id,
+        )
+
+    def _fixed(self, inbound: Inbound, key: str) -> WhatsAppReply:
+        return WhatsAppReply(
+            message_sid=inbound.message_sid,
+            person_id=inbound.person_id,
+            conversation_id=None,
+            kind="fixed",
+            text=self.rt.persona.messages[key],
+        )
+
+    # step 5: send
+    async def _send(self, inbound: Inbound, reply: WhatsAppReply) -> None:
+        parts = reply_parts(reply, self.rt.settings.public_base_url)
+        sent = {o.part for o in await self.rt.store.outbound_for(inbound.message_sid)}
+        for index, part in enumerate(parts):
+            if index not in sent:  # a resumed message skips what already went out
+                await self._send_part(inbound, index, part)
+
+    async def _send_part(self, inbound: Inbound, index: int, part: Part) -> None:
+        sid = inbound.message_sid
+        for delay in (*SEND_RETRY_DELAYS_S, None):
+            try:
+                await self._send_shielded(inbound, index, part)
+                return
+            except (TwilioRestException, TwilioServiceException) as err:
+                status, code = getattr(err, "status", None), getattr(err, "code", None)
+                if not _retryable(status):
+                    await self._refused(inbound, index, part, status, code, err)
+                if delay is None:
+                    raise RetryLater(f"Twilio answered {status} ({code})") from err
+                log.warning("whatsapp %s: Twilio %s (%s); retrying", sid, status, code)
+            except (aiohttp.ClientError, TimeoutError) as err:
+                if delay is None:
+                    raise RetryLater(f"Twilio unreachable: {type(err).__name__}") from err
+                log.warning("whatsapp %s: Twilio unreachable (%s); retrying", sid, err)
+            await asyncio.sleep(delay)
+
+    async def _send_shielded(self, inbound: Inbound, index: int, part: Part) -> None:
+        """Create and record as one piece that shutdown cannot cut in half: once Twilio may
+        have the message, the request is finished and its SID kept (see `lifecycle`)."""
+        task = asyncio.ensure_future(self._create_and_record(inbound, index, part))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        await asyncio.shield(task)
+
+    async def _create_and_record(self, inbound: Inbound, index: int, part: Part) -> None:
+        sid = inbound.message_sid
+        created = await self._create_message(inbound, part)
+        await self.rt.store.record_outbound(
+            sid, index, part.kind, message_sid=created.sid, status=str(created.status)
+        )
+        log.info("whatsapp %s: %s part %d sent as %s", sid, part.kind, index, created.sid)
+
+    async def _create_message(self, inbound: Inbound, part: Part) -> Any:
+        content: dict[str, Any] = (
+            {"body": part.body} if part.kind == "text" else {"media_url": [part.media_url]}
+        )
+        return await self.rt.twilio.messages.create_async(
+            to=inbound.sender,
+            from_=inbound.recipient,
+            status_callback=self.rt.settings.public_base_url + STATUS_PATH,
+            **content,
+        )
+
+    async def _refused(
+        self,
+        inbound: Inbound,
+        index: int,
+        part: Part,
+        status: int | None,
+        code: int | None,
+        err: Exception,
+    ) -> None:
+        """A 4xx from Twilio: recorded, never retried (63016: outside the 24-hour window)."""
+        message = getattr(err, "msg", None) or getattr(err, "detail", None) or ""
+        await self.rt.store.record_outbound(
+            inbound.message_sid,
+            index,
+            part.kind,
+            message_sid=None,
+            status="failed",
+            error_code=code,
+            error_message=str(message)[:500],
+        )
+        if code == OUTSIDE_WINDOW:
+            raise GiveUp("63016: outside the 24-hour window; only a template can reach them")
+        raise GiveUp(f"Twilio refused the {part.kind} message: HTTP {status}, code {code}")
+
+
+# ---- HTTP handlers ----------------------------------------------------------------------
+
+WHATSAPP = web.AppKey("whatsapp", WhatsAppChannel)
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """Signed form POST from Twilio: stored durably, then answered with an empty TwiML."""
+    rt = request.app[RUNTIME]
+    if not await rt.signatures.form_ok(request):
+        log.warning("whatsapp webhook: invalid Twilio signature from %s", request.remote)
+        return web.Response(status=403, text="invalid signature")
+    form = await request.post()
+    sid = str(form.get("MessageSid", ""))
+    if not sid:
+        return web.Response(status=400, text="missing MessageSid")
+    try:
+        e164 = normalize_number(str(form.get("From", "")))
+    except ValueError:
+        log.warning("whatsapp %s: sender is not a phone number; ignored", sid)
+        return web.Response(status=400, text="bad From")
+    payload = {key: str(value) for key, value in form.items()}
+    arrival = Arrival(e164, _profile_name(form), sid, payload)
+    try:
+        fresh = await request.app[WHATSAPP].accept(arrival)
+    except Exception:  # logged by the intake; Twilio logs 11200 and may try its fallback URL
+        return web.Response(status=500, text="not stored")
+    if fresh:
+        log.info("whatsapp %s: accepted from %s", sid, phone_hint(e164))
+    else:
+        log.info("whatsapp %s: duplicate delivery, already accepted", sid)
+    return web.Response(text=EMPTY_TWIML, content_type="text/xml")
+
+
+def _profile_name(form: Any) -> str | None:
+    name = " ".join(str(form.get("ProfileName", "")).split())
+    return name[:100] or None
+
+
+async def status_callback(request: web.Request) -> web.Response:
+    """Signed delivery status of a message we sent (sent, delivered, read, failed...)."""
+    rt = request.app[RUNTIME]
+    if not await rt.signatures.form_ok(request):
+        log.warning("whatsapp status: invalid Twilio signature from %s", request.remote)
+        return web.Response(status=403, text="invalid signature")
+    form = await request.post()
+    sid, status = str(form.get("MessageSid", "")), str(form.get("MessageStatus", ""))
+    if not sid or not status:
+        return web.Response(status=400, text="missing MessageSid or MessageStatus")
+    code = _error_code(form)
+    message = str(form.get("ErrorMessage", ""))[:500] or None
+    await rt.store.update_outbound_status(sid, status, code, message)
+    if code is not None:
+        log.warning("whatsapp outbound %s: %s, error %d", sid, status, code)
+    else:
+        log.info("whatsapp outbound %s: %s", sid, status)
+    return web.Response(status=204)
+
+
+def _error_code(form: Any) -> int | None:
+    raw = str(form.get("ErrorCode", "")).strip()
+    return int(raw) if raw.isdigit() else None
+
+
+def setup(app: web.Application) -> None:
+    channel = WhatsAppChannel(app[RUNTIME])
+    app[WHATSAPP] = channel
+    app.router.add_post(WEBHOOK_PATH, webhook)
+    app.router.add_post(STATUS_PATH, status_callback)
+    media.setup(app)
+    app.cleanup_ctx.append(channel.lifecycle)
