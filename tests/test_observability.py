@@ -39,6 +39,7 @@ async def test_metrics_count_calls_latency_and_rejected_signatures(gateway, real
     async with caller:
         await caller.dial()
         await caller.connect()
+        await caller.wait_until(lambda: caller.first_reply_at is not None, 5)  # stream is live
         during = await scrape(gateway.url)
         await caller.wait_playback_idle(quiet_s=0.3)
         await caller.speak_and_wait(speech_mulaw(1000, seed=4))
