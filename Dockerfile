@@ -5,6 +5,7 @@ WORKDIR /app
 
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
+COPY config ./config
 RUN pip install . && useradd --create-home --uid 10001 gateway \
     && mkdir -p /app/data && chown gateway:gateway /app/data
 

@@ -10,6 +10,7 @@ from dotenv import load_dotenv
 
 from gateway.app import create_app
 from gateway.observability import setup_logging
+from gateway.persona import PersonaError
 from gateway.settings import Settings, SettingsError
 
 
@@ -25,13 +26,14 @@ def main() -> None:
     load_dotenv()  # a .env file may supply settings; the real environment wins
     try:
         settings = Settings.from_env()
-    except SettingsError as err:
+        app = create_app(settings)
+    except (SettingsError, PersonaError) as err:
         print(f"configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(settings.log_level)
     print(f"gateway listening on http://{settings.host}:{settings.port}", file=sys.stderr)
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop=new_event_loop(),

@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import calls, dashboard, whatsapp
+from gateway import admin, calls, dashboard, whatsapp
 from gateway.health import health
 from gateway.observability import metrics
 from gateway.persona import load_persona
 from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.store import Store
+from gateway.summaries import Summarizer
+from gateway.usage import Prices, PriceTableError, load_prices
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +24,24 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=2 * 1024 * 1024)
     # A broken persona folder stops the start here, naming the file, not mid-call.
-    app[RUNTIME] = Runtime(settings, persona=load_persona(settings.persona))
-    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx])
+    app[RUNTIME] = Runtime(
+        settings, persona=load_persona(settings.persona), prices=_prices(settings)
+    )
+    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx])
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     calls.setup(app, settings.call_claim_timeout_s)
     whatsapp.setup(app)  # also serves the published voice notes (gateway.media)
     dashboard.setup(app)  # GET / behind ADMIN_TOKEN
+    admin.setup(app)  # /admin/...: usage and LGPD export/erase, behind ADMIN_TOKEN
     return app
+
+
+def _prices(settings: Settings) -> dict[str, Prices]:
+    try:
+        return load_prices(settings.prices_file)
+    except PriceTableError as err:
+        raise SettingsError("PRICES_FILE", str(err)) from None
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -78,6 +90,23 @@ async def _clients_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await close_rest_client(rt.twilio)
     await rt.openai.close()
+
+
+async def _summaries_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    s = rt.settings
+    rt.summarizer = Summarizer(
+        rt.store,
+        rt.openai,
+        rt.persona,
+        s.summary_model,
+        whatsapp_idle_s=s.conversation_idle_s,
+        interval_s=s.summary_interval_s,
+        retry_base_s=s.summary_retry_s,
+    )
+    rt.summarizer.start()
+    yield
+    await rt.summarizer.stop()
 
 
 def _announce_sandbox(rt: Runtime) -> None:

@@ -45,6 +45,7 @@ from gateway.observability import (
     correlated,
 )
 from gateway.persona import MemoryContext, greeting_instruction
+from gateway.privacy import note_erasure_request
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Person, normalize_number
 
@@ -202,6 +203,8 @@ class LiveCall:
     # store
     def _record_turn(self, turn: RecordTurn) -> None:
         TURNS.labels("call", turn.role).inc()
+        if turn.role == "user" and self.person is not None:
+            self._spawn(note_erasure_request(self.rt.store, self.person, "call", turn.text))
         if turn.response_latency_ms is not None:
             RESPONSE_LATENCY.observe(turn.response_latency_ms / 1000)
         if turn.upstream_first_audio_ms is not None:
@@ -241,6 +244,7 @@ class LiveCall:
                 input_audio_tokens=details_in.get("audio_tokens", 0),
                 output_audio_tokens=details_out.get("audio_tokens", 0),
                 audio_seconds=usage.audio_ms / 1000,
+                model=self.rt.settings.realtime_model,
             )
         )
 
@@ -257,9 +261,14 @@ class LiveCall:
         if self._pump is not None and self._pump is not asyncio.current_task():
             self._pump.cancel()
         if self.conversation_id is not None and self.rt.store is not None:
-            self._spawn(self.rt.store.end_conversation(self.conversation_id))
+            self._spawn(self._finish_conversation(self.conversation_id))
         if apologise:
             log.warning("call %s: upstream lost for good; call ended", self.call_sid)
+
+    async def _finish_conversation(self, conversation_id: int) -> None:
+        await self.rt.store.end_conversation(conversation_id)
+        if self.rt.summarizer is not None:
+            self.rt.summarizer.poke()  # fold this call into the person's summary now
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 
     from gateway.persona import Persona
     from gateway.store import Store
+    from gateway.summaries import Summarizer
     from gateway.twilio_api import TwilioSignatures
+    from gateway.usage import Prices
 
 # Fixed so the sandbox's printed commands keep working across restarts; not secrets.
 SANDBOX_ACCOUNT_SID = "AC" + "5a" * 16
@@ -32,6 +34,8 @@ class Runtime:
     started: float = field(default_factory=time.monotonic)
     persona: Persona | None = None
     store: Store | None = None
+    prices: dict[str, Prices] = field(default_factory=dict)
+    summarizer: Summarizer | None = None
     openai: AsyncOpenAI | None = None
     twilio: Any = None  # twilio.rest.Client with the async HTTP client
     realtime_sim: Any = None  # gateway.sim.realtime.RealtimeSimulator in the sandbox

@@ -54,6 +54,11 @@ class Settings:
     max_media_bytes: int = 16 * 1024 * 1024
     max_voice_note_s: int = 300
     media_ttl_s: int = 3600
+    summary_model: str = "gpt-5.4-mini"
+    summary_interval_s: float = 60.0
+    summary_retry_s: float = 30.0
+    conversation_idle_s: float = 1800.0
+    prices_file: Path = Path("config/prices.toml")
 
     @property
     def sandbox_realtime(self) -> bool:
@@ -116,6 +121,11 @@ class Settings:
             ),
             max_voice_note_s=reader.integer("MAX_VOICE_NOTE_S", 300, 1, 900),
             media_ttl_s=reader.integer("MEDIA_TTL_S", 3600, 60, 7 * 24 * 3600),
+            summary_model=reader.text("SUMMARY_MODEL", "gpt-5.4-mini"),
+            summary_interval_s=reader.number("SUMMARY_INTERVAL_S", 60.0, 0.05, 3600.0),
+            summary_retry_s=reader.number("SUMMARY_RETRY_S", 30.0, 0.05, 3600.0),
+            conversation_idle_s=reader.number("CONVERSATION_IDLE_S", 1800.0, 0.1, 7 * 86400.0),
+            prices_file=Path(reader.text("PRICES_FILE", "config/prices.toml")),
         )
 
 

@@ -429,6 +429,7 @@ class WarmSessions:
                 input_audio_tokens=details_in.get("audio_tokens") or 0,
                 output_audio_tokens=details_out.get("audio_tokens") or 0,
                 audio_seconds=audio_ms / 1000,
+                model=self.rt.settings.realtime_model,
             )
         except Exception:  # accounting must never cost the person their reply
             log.exception("could not record usage of %s", collector.response_id)

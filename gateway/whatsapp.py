@@ -28,6 +28,7 @@ from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 
 from gateway import media
 from gateway.memory import phone_hint
+from gateway.privacy import note_erasure_request
 from gateway.queue import GiveUp, InboundWorker, Intake, RetryLater
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import InboundMessage, normalize_number
@@ -358,7 +359,9 @@ class WhatsAppChannel:
         if person is None:  # erased (data deletion) between accept and now
             raise GiveUp("the person no longer exists")
         assert self.sessions is not None
-        return await self.sessions.reply(person, turn, inbound.message_sid)
+        voice = await self.sessions.reply(person, turn, inbound.message_sid)
+        await note_erasure_request(self.rt.store, person, "whatsapp", voice.user_text)
+        return voice
 
     async def _model_reply(self, inbound: Inbound, voice: VoiceReply) -> WhatsAppReply:
         ttl = self.rt.settings.media_ttl_s

@@ -33,8 +33,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/", _admin(dashboard_page, accept_query_token=True))
-    app.router.add_get(DATA_URL, _admin(dashboard_data))
+    app.router.add_get("/", admin_only(dashboard_page, accept_query_token=True))
+    app.router.add_get(DATA_URL, admin_only(dashboard_data))
 
 
 async def dashboard_page(request: web.Request) -> web.Response:
@@ -49,7 +49,7 @@ async def dashboard_data(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(data), content_type="application/json", headers=_PRIVATE)
 
 
-def _admin(handler: Handler, *, accept_query_token: bool = False) -> Handler:
+def admin_only(handler: Handler, *, accept_query_token: bool = False) -> Handler:
     """Wrap a handler so it runs only for the admin; `?token=` also starts a cookie session."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:

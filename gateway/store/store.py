@@ -11,6 +11,7 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.store.lifecycle import LifecycleQueries
 from gateway.store.migrations import migrate
 
 
@@ -57,7 +58,7 @@ class InboundMessage:
     attempts: int
 
 
-class Store:
+class Store(LifecycleQueries):
     """One aiosqlite connection in WAL mode; a single writer process (see README)."""
 
     def __init__(self, db: aiosqlite.Connection, schema_version: int) -> None:
@@ -279,11 +280,12 @@ class Store:
         input_audio_tokens: int = 0,
         output_audio_tokens: int = 0,
         audio_seconds: float = 0.0,
+        model: str | None = None,
     ) -> None:
         await self._db.execute(
             "INSERT INTO usage (person_id, conversation_id, response_id, input_tokens, "
-            "output_tokens, input_audio_tokens, output_audio_tokens, audio_seconds, at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "output_tokens, input_audio_tokens, output_audio_tokens, audio_seconds, at, model) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 person_id,
                 conversation_id,
@@ -294,6 +296,7 @@ class Store:
                 output_audio_tokens,
                 audio_seconds,
                 utcnow(),
+                model,
             ),
         )
 

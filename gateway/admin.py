@@ -1,0 +1,84 @@
+"""Admin actions behind ADMIN_TOKEN: per-person usage and cost, and the LGPD export and
+erasure of everything the gateway keeps about one person."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.dashboard import admin_only
+from gateway.observability import mask_number
+from gateway.runtime import RUNTIME, Runtime
+from gateway.store import Person, normalize_number
+from gateway.usage import cost_usd
+
+log = logging.getLogger(__name__)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/admin/people/{number}/export", admin_only(export_person))
+    app.router.add_get("/admin/people/{number}/usage", admin_only(person_usage))
+    app.router.add_delete("/admin/people/{number}", admin_only(erase_person))
+    app.router.add_get("/admin/privacy-requests", admin_only(privacy_requests))
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json",
+                        headers={"Cache-Control": "no-store"})  # fmt: skip
+
+
+async def _person(request: web.Request) -> tuple[Runtime, Person | web.Response]:
+    rt = request.app[RUNTIME]
+    try:
+        number = normalize_number(request.match_info["number"])
+    except ValueError:
+        return rt, _json({"error": "not a phone number"}, 400)
+    person = await rt.store.person_by_number(number)
+    if person is None:
+        return rt, _json({"error": "no such person"}, 404)
+    return rt, person
+
+
+async def usage_report(rt: Runtime, person_id: int) -> dict[str, Any]:
+    rows = await rt.store.usage_by_model(person_id)
+    for row in rows:
+        model = row["model"] or rt.settings.realtime_model
+        row["cost_usd"] = cost_usd(rt.prices.get(model), row)
+    costs = [r["cost_usd"] for r in rows]
+    total = None if any(c is None for c in costs) else round(sum(costs), 6)
+    return {"by_model": rows, "total_cost_usd": total}
+
+
+async def person_usage(request: web.Request) -> web.Response:
+    rt, person = await _person(request)
+    if isinstance(person, web.Response):
+        return person
+    return _json({"person": mask_number(person.e164), **await usage_report(rt, person.id)})
+
+
+async def export_person(request: web.Request) -> web.Response:
+    rt, person = await _person(request)
+    if isinstance(person, web.Response):
+        return person
+    data = await rt.store.export_person(person.id)
+    data["usage_report"] = [await usage_report(rt, person.id)]  # type: ignore[list-item]
+    log.warning("admin exported the data of person %d", person.id)
+    return _json(data)
+
+
+async def erase_person(request: web.Request) -> web.Response:
+    rt, person = await _person(request)
+    if isinstance(person, web.Response):
+        return person
+    counts = await rt.store.erase_person(person.id)
+    log.warning("admin erased person %d: %s", person.id, counts)
+    return _json({"erased": counts})
+
+
+async def privacy_requests(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    rows = await rt.store.privacy_requests(open_only=request.query.get("all") != "1")
+    return _json({"requests": rows})

@@ -1,0 +1,171 @@
+"""SQL for what happens to memory over time: summaries, usage per person, and the LGPD
+export and erasure of everything kept about one person. Mixed into `Store`."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import aiosqlite
+
+    from gateway.store.store import Turn
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class ConversationRef:
+    id: int
+    person_id: int
+    channel: str
+    summary_attempts: int
+
+
+# Every table holding a person's data, as (alias, FROM ... WHERE person = ?, ORDER BY): the
+# export reads these, the erasure counts and deletes them. A new personal table goes here.
+_PERSON_ROWS: dict[str, tuple[str, str, str]] = {
+    "people": ("p", "FROM people p WHERE p.id = ?", "p.id"),
+    "conversations": ("c", "FROM conversations c WHERE c.person_id = ?", "c.id"),
+    "turns": (
+        "t",
+        "FROM turns t JOIN conversations c ON c.id = t.conversation_id WHERE c.person_id = ?",
+        "t.id",
+    ),
+    "inbound_messages": ("i", "FROM inbound_messages i WHERE i.person_id = ?", "i.received_at"),
+    "whatsapp_replies": ("r", "FROM whatsapp_replies r WHERE r.person_id = ?", "r.created_at"),
+    "outbound_messages": (
+        "o",
+        "FROM outbound_messages o JOIN inbound_messages i ON i.message_sid = o.inbound_sid "
+        "WHERE i.person_id = ?",
+        "o.id",
+    ),
+    "media": ("m", "FROM media m WHERE m.person_id = ?", "m.created_at"),
+    "usage": ("u", "FROM usage u WHERE u.person_id = ?", "u.id"),
+    "privacy_requests": ("q", "FROM privacy_requests q WHERE q.person_id = ?", "q.id"),
+}
+
+
+class LifecycleQueries:
+    _db: aiosqlite.Connection
+
+    # summaries
+    async def end_idle_conversations(self, channel: str, idle_before: datetime) -> int:
+        """A chat with no activity for a while has ended, for the summarizer's purposes."""
+        cur = await self._db.execute(
+            "UPDATE conversations SET ended_at = last_activity_at WHERE channel = ? "
+            "AND ended_at IS NULL AND last_activity_at <= ?",
+            (channel, idle_before.isoformat(timespec="milliseconds")),
+        )
+        return cur.rowcount
+
+    async def conversations_to_summarize(self, limit: int = 20) -> list[ConversationRef]:
+        async with self._db.execute(
+            "SELECT id, person_id, channel, summary_attempts FROM conversations "
+            "WHERE ended_at IS NOT NULL AND summarized_at IS NULL "
+            "AND (summary_next_try_at IS NULL OR summary_next_try_at <= ?) "
+            "ORDER BY ended_at LIMIT ?",
+            (_now(), limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [ConversationRef(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def conversation_turns(self, conversation_id: int) -> list[Turn]:
+        from gateway.store.store import Turn
+
+        async with self._db.execute(
+            "SELECT t.id, t.conversation_id, c.channel, t.role, t.text, t.audio_ms, t.at "
+            "FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+            "WHERE t.conversation_id = ? ORDER BY t.id",
+            (conversation_id,),
+        ) as cur:
+            return [Turn(*row) for row in await cur.fetchall()]
+
+    async def mark_summarized(self, conversation_id: int) -> None:
+        await self._db.execute(
+            "UPDATE conversations SET summarized_at = ? WHERE id = ?", (_now(), conversation_id)
+        )
+
+    async def summary_failed(self, conversation_id: int, retry_in_s: float) -> None:
+        due = datetime.now(UTC) + timedelta(seconds=retry_in_s)
+        await self._db.execute(
+            "UPDATE conversations SET summary_attempts = summary_attempts + 1, "
+            "summary_next_try_at = ? WHERE id = ?",
+            (due.isoformat(timespec="milliseconds"), conversation_id),
+        )
+
+    # usage
+    async def usage_by_model(self, person_id: int) -> list[dict[str, Any]]:
+        """Totals per model (a price applies per model) for one person."""
+        async with self._db.execute(
+            "SELECT COALESCE(model, '') AS model, COUNT(*) AS responses, "
+            "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, "
+            "SUM(input_audio_tokens) AS input_audio_tokens, "
+            "SUM(output_audio_tokens) AS output_audio_tokens, "
+            "SUM(audio_seconds) AS audio_seconds FROM usage WHERE person_id = ? GROUP BY model",
+            (person_id,),
+        ) as cur:
+            return [dict(row) for row in await cur.fetchall()]
+
+    # privacy
+    async def record_privacy_request(self, person_id: int, e164: str, channel: str, kind: str,
+                                     text: str) -> int:  # fmt: skip
+        cur = await self._db.execute(
+            "INSERT INTO privacy_requests (person_id, e164, channel, kind, text, requested_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (person_id, e164, channel, kind, text, _now()),
+        )
+        return cur.lastrowid
+
+    async def privacy_requests(self, open_only: bool = True) -> list[dict[str, Any]]:
+        where = "WHERE handled_at IS NULL" if open_only else ""
+        async with self._db.execute(
+            f"SELECT * FROM privacy_requests {where} ORDER BY requested_at"
+        ) as cur:
+            return [dict(row) for row in await cur.fetchall()]
+
+    async def export_person(self, person_id: int) -> dict[str, list[dict[str, Any]]]:
+        """Everything kept about one person, table by table (media as base64)."""
+        export: dict[str, list[dict[str, Any]]] = {}
+        for table, (alias, source, order) in _PERSON_ROWS.items():
+            sql = f"SELECT {alias}.* {source} ORDER BY {order}"
+            async with self._db.execute(sql, (person_id,)) as cur:
+                rows = [dict(row) for row in await cur.fetchall()]
+            for row in rows:
+                for key, value in row.items():
+                    if isinstance(value, bytes):
+                        row[key] = base64.b64encode(value).decode("ascii")
+                    elif key in ("payload", "media_ids") and isinstance(value, str):
+                        row[key] = json.loads(value)
+            export[table] = rows
+        return export
+
+    async def erase_person(self, person_id: int) -> dict[str, int]:
+        """Delete every row of one person in one transaction; returns rows removed per table.
+
+        The erasure request itself stays as an audit line, with the number and words removed.
+        """
+        counts: dict[str, int] = {}
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, (_, source, _) in _PERSON_ROWS.items():
+                async with self._db.execute(f"SELECT COUNT(*) {source}", (person_id,)) as cur:
+                    counts[table] = (await cur.fetchone())[0]
+            await self._db.execute(
+                "UPDATE privacy_requests SET e164 = '(apagado)', text = '', handled_at = "
+                "COALESCE(handled_at, ?) WHERE person_id = ?",
+                (_now(), person_id),
+            )
+            await self._db.execute("DELETE FROM media WHERE person_id = ?", (person_id,))
+            await self._db.execute("DELETE FROM people WHERE id = ?", (person_id,))  # cascades
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        counts["privacy_requests"] = 0  # kept as anonymous audit lines
+        return counts

@@ -1,0 +1,53 @@
+"""What the model costs: a price table (config/prices.toml) applied to stored usage."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MILLION = 1_000_000
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per 1M tokens."""
+
+    text_in: float
+    text_out: float
+    audio_in: float
+    audio_out: float
+    cached_in: float = 0.0
+
+
+class PriceTableError(ValueError):
+    pass
+
+
+def load_prices(path: Path) -> dict[str, Prices]:
+    """Model -> prices; a missing file is an empty table (costs show as unknown)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return {model: Prices(**values) for model, values in data.get("models", {}).items()}
+    except (tomllib.TOMLDecodeError, TypeError) as err:
+        raise PriceTableError(f"{path}: {err}") from err
+
+
+def cost_usd(prices: Prices | None, row: dict[str, Any]) -> float | None:
+    """Cost of one usage row (input/output tokens with their audio shares)."""
+    if prices is None:
+        return None
+    audio_in = row.get("input_audio_tokens", 0)
+    audio_out = row.get("output_audio_tokens", 0)
+    text_in = max(0, row.get("input_tokens", 0) - audio_in)
+    text_out = max(0, row.get("output_tokens", 0) - audio_out)
+    total = (
+        text_in * prices.text_in
+        + audio_in * prices.audio_in
+        + text_out * prices.text_out
+        + audio_out * prices.audio_out
+    )
+    return total / MILLION

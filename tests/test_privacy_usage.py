@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from gateway.privacy import is_erasure_request
+from gateway.usage import Prices, PriceTableError, cost_usd, load_prices
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Quero que vocês apaguem meus dados, por favor",
+        "Por favor exclua todas as minhas informações",
+        "me esquece, apaga o meu número",
+        "Pode deletar o histórico da nossa conversa?",
+        "meus dados, pode apagar tudo",
+        "please delete my data",
+    ],
+)
+def test_erasure_requests_are_recognised(text):
+    assert is_erasure_request(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "apaguei a luz da sala",
+        "vou remover o anúncio antigo",
+        "meus dados estão certos?",
+        "Quero excluir o imóvel do anúncio",
+        "",
+    ],
+)
+def test_ordinary_sentences_are_not_erasure_requests(text):
+    assert not is_erasure_request(text)
+
+
+def test_cost_splits_text_and_audio_tokens():
+    prices = Prices(text_in=4, text_out=16, audio_in=32, audio_out=64)
+    row = {"input_tokens": 1000, "input_audio_tokens": 800, "output_tokens": 500,
+           "output_audio_tokens": 400}  # fmt: skip
+    expected = (200 * 4 + 800 * 32 + 100 * 16 + 400 * 64) / 1_000_000
+    assert cost_usd(prices, row) == pytest.approx(expected)
+    assert cost_usd(None, row) is None
+
+
+def test_the_shipped_price_table_loads_and_a_broken_one_is_named(tmp_path):
+    table = load_prices(Path("config/prices.toml"))
+    assert table["gpt-realtime-2.1"].audio_out == 64.0
+    assert load_prices(tmp_path / "missing.toml") == {}
+    broken = tmp_path / "prices.toml"
+    broken.write_text('[models."x"]\nunknown_field = 1\n')
+    with pytest.raises(PriceTableError, match=str(broken)):
+        load_prices(broken)
