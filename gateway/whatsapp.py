@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -28,6 +30,14 @@ from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 
 from gateway import media
 from gateway.memory import phone_hint
+from gateway.observability import (
+    ERRORS,
+    REJECTED_SIGNATURES,
+    TURNS,
+    WHATSAPP_REPLY,
+    WHATSAPP_WEBHOOK,
+    correlated,
+)
 from gateway.privacy import note_erasure_request
 from gateway.queue import GiveUp, InboundWorker, Intake, RetryLater
 from gateway.runtime import RUNTIME, Runtime
@@ -308,11 +318,17 @@ class WhatsAppChannel:
         """The worker's handler: answer one message, resuming whatever a failure cut short."""
         inbound = Inbound.from_message(message)
         store = self.rt.store
-        reply = await store.reply_for(inbound.message_sid)
-        if reply is None:
-            reply = await self._compose(inbound, message.attempts)
-            await store.save_reply(reply)
-        await self._send(inbound, reply)
+        with correlated(f"msg={inbound.message_sid}"):
+            reply = await store.reply_for(inbound.message_sid)
+            if reply is None:
+                reply = await self._compose(inbound, message.attempts)
+                await store.save_reply(reply)
+                TURNS.labels("whatsapp", "user").inc()
+                TURNS.labels("whatsapp", "assistant").inc(reply.kind == "model")
+            await self._send(inbound, reply)
+        if message.received_at:
+            received = datetime.fromisoformat(message.received_at)
+            WHATSAPP_REPLY.observe((datetime.now(UTC) - received).total_seconds())
 
     async def _compose(self, inbound: Inbound, attempts: int) -> WhatsAppReply:
         sid = inbound.message_sid
@@ -325,6 +341,7 @@ class WhatsAppChannel:
         except GiveUp:
             raise
         except Exception as err:  # transient (Realtime, media host) or a bug: retry, then apologise
+            ERRORS.labels("whatsapp_compose").inc()
             if not isinstance(err, RealtimeUnavailable | MediaUnavailable):
                 log.exception("whatsapp %s: unexpected error while composing the reply", sid)
             assert self.worker is not None
@@ -479,9 +496,11 @@ WHATSAPP = web.AppKey("whatsapp", WhatsAppChannel)
 
 async def webhook(request: web.Request) -> web.Response:
     """Signed form POST from Twilio: stored durably, then answered with an empty TwiML."""
+    started = time.perf_counter()
     rt = request.app[RUNTIME]
     if not await rt.signatures.form_ok(request):
         log.warning("whatsapp webhook: invalid Twilio signature from %s", request.remote)
+        REJECTED_SIGNATURES.labels("whatsapp").inc()
         return web.Response(status=403, text="invalid signature")
     form = await request.post()
     sid = str(form.get("MessageSid", ""))
@@ -498,10 +517,12 @@ async def webhook(request: web.Request) -> web.Response:
         fresh = await request.app[WHATSAPP].accept(arrival)
     except Exception:  # logged by the intake; Twilio logs 11200 and may try its fallback URL
         return web.Response(status=500, text="not stored")
-    if fresh:
-        log.info("whatsapp %s: accepted from %s", sid, phone_hint(e164))
-    else:
-        log.info("whatsapp %s: duplicate delivery, already accepted", sid)
+    with correlated(f"msg={sid}"):
+        if fresh:
+            log.info("whatsapp %s: accepted from %s", sid, phone_hint(e164))
+        else:
+            log.info("whatsapp %s: duplicate delivery, already accepted", sid)
+    WHATSAPP_WEBHOOK.observe(time.perf_counter() - started)
     return web.Response(text=EMPTY_TWIML, content_type="text/xml")
 
 
@@ -515,6 +536,7 @@ async def status_callback(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if not await rt.signatures.form_ok(request):
         log.warning("whatsapp status: invalid Twilio signature from %s", request.remote)
+        REJECTED_SIGNATURES.labels("whatsapp-status").inc()
         return web.Response(status=403, text="invalid signature")
     form = await request.post()
     sid, status = str(form.get("MessageSid", "")), str(form.get("MessageStatus", ""))

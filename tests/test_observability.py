@@ -10,6 +10,7 @@ from gateway.observability import JsonFormatter, correlated, mask_number, setup_
 from gateway.sim.caller import SimulatedCaller
 from gateway.sim.realtime import RealtimeSimConfig
 from gateway.sim.speech import speech_mulaw
+from gateway.sim.whatsapp_sender import WhatsAppSender
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 
@@ -85,3 +86,20 @@ def test_json_log_lines_carry_the_correlation_id():
 def test_phone_numbers_are_masked():
     assert mask_number("whatsapp:+5516999990001") == "+55…0001"
     assert "99999" not in mask_number("+5516999990001")
+
+
+async def test_whatsapp_metrics_count_webhook_and_reply_times(gateway, twilio_sim):
+    before = await scrape(gateway.url)
+    async with WhatsAppSender(gateway.url, gateway.url, AUTH_TOKEN, ACCOUNT_SID) as sender:
+        assert (await sender.send_text("Olá!")).status == 200
+        assert (await sender.send_text("forjada", forge=True)).status == 403
+    await twilio_sim.wait_for_messages(2, timeout=10, settled=True)
+    after = await scrape(gateway.url)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("gateway_whatsapp_webhook_seconds_count{}") == 1
+    assert delta("gateway_whatsapp_reply_seconds_count{}") == 1
+    assert delta("gateway_rejected_signatures_total{route=whatsapp}") == 1
+    assert delta("gateway_turns_total{channel=whatsapp,role=assistant}") == 1

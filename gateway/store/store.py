@@ -56,6 +56,7 @@ class InboundMessage:
     payload: dict[str, Any]
     status: str
     attempts: int
+    received_at: str = ""
 
 
 class Store(LifecycleQueries):
@@ -231,6 +232,7 @@ class Store(LifecycleQueries):
             json.loads(row["payload"]),
             row["status"],
             row["attempts"],
+            row["received_at"],
         )
 
     async def release_stale_processing(self) -> int:
