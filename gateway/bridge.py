@@ -23,25 +23,18 @@ TRANSCRIPTION = {"model": "gpt-transcribe", "language": "pt"}
 
 def call_session(settings: Settings, instructions: str) -> dict[str, Any]:
     """Phone calls: mu-law both ways (no transcoding), server VAD, far-field noise reduction."""
-    return {
-        "type": "realtime",
-        "model": settings.realtime_model,
-        "instructions": instructions,
-        "output_modalities": ["audio"],
-        "audio": {
-            "input": {
-                "format": {"type": "audio/pcmu"},
-                "noise_reduction": {"type": "far_field"},
-                "transcription": TRANSCRIPTION,
-                "turn_detection": turn_detection(settings),
-            },
-            "output": {"format": {"type": "audio/pcmu"}, "voice": settings.realtime_voice},
-        },
-    }
+    return _session(settings, instructions, {"type": "audio/pcmu"}, "far_field",
+                    turn_detection(settings))  # fmt: skip
 
 
 def voice_note_session(settings: Settings, instructions: str) -> dict[str, Any]:
     """WhatsApp: PCM16 24 kHz both ways, manual turns (each message is one whole turn)."""
+    return _session(settings, instructions, {"type": "audio/pcm", "rate": 24000}, "near_field",
+                    None)  # fmt: skip
+
+
+def _session(settings: Settings, instructions: str, audio_format: dict[str, Any],
+             noise: str, turns: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     return {
         "type": "realtime",
         "model": settings.realtime_model,
@@ -49,15 +42,12 @@ def voice_note_session(settings: Settings, instructions: str) -> dict[str, Any]:
         "output_modalities": ["audio"],
         "audio": {
             "input": {
-                "format": {"type": "audio/pcm", "rate": 24000},
-                "noise_reduction": {"type": "near_field"},
+                "format": audio_format,
+                "noise_reduction": {"type": noise},
                 "transcription": TRANSCRIPTION,
-                "turn_detection": None,
+                "turn_detection": turns,
             },
-            "output": {
-                "format": {"type": "audio/pcm", "rate": 24000},
-                "voice": settings.realtime_voice,
-            },
+            "output": {"format": audio_format, "voice": settings.realtime_voice},
         },
     }
 

@@ -37,7 +37,6 @@ from gateway.observability import (
     ERRORS,
     GREETING,
     RECONNECTS,
-    REJECTED_SIGNATURES,
     RESPONSE_LATENCY,
     TURNS,
     UPSTREAM_FIRST_AUDIO,
@@ -48,6 +47,7 @@ from gateway.persona import MemoryContext, greeting_instruction
 from gateway.privacy import note_erasure_request
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Person, normalize_number
+from gateway.twilio_api import signature_refused
 
 log = logging.getLogger(__name__)
 
@@ -324,9 +324,7 @@ REGISTRY = web.AppKey("calls", CallRegistry)
 async def voice_webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if not await rt.signatures.form_ok(request):
-        log.warning("voice webhook: invalid Twilio signature from %s", request.remote)
-        REJECTED_SIGNATURES.labels("voice").inc()
-        return web.Response(status=403, text="invalid signature")
+        return signature_refused(request, "voice")
     form = await request.post()
     call_sid = str(form.get("CallSid", ""))
     if not call_sid.startswith("CA"):
@@ -373,9 +371,7 @@ def _twiml(rt: Runtime, caller: str, call_sid: str, token: str) -> str:
 async def media_stream(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     if not rt.signatures.ws_ok(request):
-        log.warning("media stream: invalid Twilio signature from %s", request.remote)
-        REJECTED_SIGNATURES.labels("media-stream").inc()
-        return web.Response(status=403, text="invalid signature")
+        return signature_refused(request, "media-stream")
     ws = web.WebSocketResponse(compress=False, max_msg_size=1 << 20)
     await ws.prepare(request)
     call, start = await _wait_for_start(ws, request.app[REGISTRY])

@@ -24,6 +24,15 @@ SIGNATURE_HEADER = "X-Twilio-Signature"
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
+def signature_refused(request: web.Request, route: str) -> web.Response:
+    """The one answer to a request Twilio did not sign: logged, counted, 403, nothing done."""
+    from gateway.observability import REJECTED_SIGNATURES
+
+    log.warning("%s: invalid Twilio signature from %s", route, request.remote)
+    REJECTED_SIGNATURES.labels(route).inc()
+    return web.Response(status=403, text="invalid signature")
+
+
 class TwilioSignatures:
     """Checks `X-Twilio-Signature` against the URL Twilio called, i.e. the public one.
 

@@ -32,7 +32,6 @@ from gateway import media
 from gateway.memory import phone_hint
 from gateway.observability import (
     ERRORS,
-    REJECTED_SIGNATURES,
     TURNS,
     WHATSAPP_REPLY,
     WHATSAPP_WEBHOOK,
@@ -44,7 +43,7 @@ from gateway.runtime import RUNTIME, Runtime
 from gateway.store import InboundMessage, normalize_number
 from gateway.store.store import Arrival, WhatsAppReply
 from gateway.transcode import AudioDecodeError, decode_to_pcm24k
-from gateway.twilio_api import media_auth_allowed
+from gateway.twilio_api import media_auth_allowed, signature_refused
 from gateway.voice_notes import (
     AudioInput,
     RealtimeUnavailable,
@@ -499,9 +498,7 @@ async def webhook(request: web.Request) -> web.Response:
     started = time.perf_counter()
     rt = request.app[RUNTIME]
     if not await rt.signatures.form_ok(request):
-        log.warning("whatsapp webhook: invalid Twilio signature from %s", request.remote)
-        REJECTED_SIGNATURES.labels("whatsapp").inc()
-        return web.Response(status=403, text="invalid signature")
+        return signature_refused(request, "whatsapp")
     form = await request.post()
     sid = str(form.get("MessageSid", ""))
     if not sid:
@@ -535,9 +532,7 @@ async def status_callback(request: web.Request) -> web.Response:
     """Signed delivery status of a message we sent (sent, delivered, read, failed...)."""
     rt = request.app[RUNTIME]
     if not await rt.signatures.form_ok(request):
-        log.warning("whatsapp status: invalid Twilio signature from %s", request.remote)
-        REJECTED_SIGNATURES.labels("whatsapp-status").inc()
-        return web.Response(status=403, text="invalid signature")
+        return signature_refused(request, "whatsapp-status")
     form = await request.post()
     sid, status = str(form.get("MessageSid", "")), str(form.get("MessageStatus", ""))
     if not sid or not status:
