@@ -1,0 +1,116 @@
+"""The load test's core, as a library, against an in-process gateway and simulators."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from gateway.sim.realtime import RealtimeSimConfig
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+
+FIRST_AUDIO_MS = 60
+
+
+def _load_script() -> ModuleType:
+    """scripts/ is not a package: import loadtest.py by path."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
+    spec = importlib.util.spec_from_file_location("loadtest", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["loadtest"] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+loadtest = _load_script()
+
+
+@pytest.fixture
+def sim_config() -> RealtimeSimConfig:
+    # Short replies streamed fast: three calls of one turn take about three seconds.
+    return RealtimeSimConfig(
+        first_audio_latency_ms=FIRST_AUDIO_MS,
+        speed=8.0,
+        ms_per_char=30,
+        reply_text="Olá, tudo bem?",
+        record_audio=False,
+    )
+
+
+async def test_three_calls_of_one_turn_give_a_complete_sane_report(start_gateway, live_env):
+    gateway = await start_gateway(live_env)
+    cfg = loadtest.LoadConfig(
+        gateway_url=gateway.url,
+        auth_token=AUTH_TOKEN,
+        account_sid=ACCOUNT_SID,
+        calls=3,
+        turns=1,
+        ramp_s=0.2,
+        speech_ms=600,
+        first_audio_ms=FIRST_AUDIO_MS,
+        quiet_s=0.2,
+        warmup=0,
+    )
+    # The gateway runs in this process, so its /proc figures include the callers: only shape.
+    stack = loadtest.Stack(gateway_pid=os.getpid())
+    report = await loadtest.run_load(cfg, stack)
+
+    calls = report.calls
+    assert (calls.calls, calls.ok, calls.failed, calls.errors) == (3, 3, 0, {})
+    assert (calls.turns_requested, calls.turns_measured) == (3, 3)
+    assert 1 <= calls.peak_live_calls <= 3
+    # The caller hears a reply after the silence window and the upstream's first audio.
+    assert calls.latency_ms.n == 3
+    assert calls.latency_ms.p50 > cfg.vad_silence_ms + FIRST_AUDIO_MS
+    assert calls.gateway_share_ms.n == 3 and calls.gateway_share_ms.p50 >= 0
+    assert calls.gateway_share_naive_ms.n == 3
+    assert calls.greeting_ms.n == 3 and calls.greeting_ms.p50 > 0
+    assert calls.dial_ms.n == 3
+    assert calls.greeting_ms.p50 <= calls.greeting_ms.p95 <= calls.greeting_ms.p99
+    assert calls.gateway_view_ms is None  # no --db given
+    frames = calls.frames
+    assert frames.reply_frames > 0
+    assert (frames.violations, frames.odd_size_frames, frames.underruns) == (0, 0, 0)
+    generator = calls.generator
+    assert generator.processes == 1 and generator.frames_sent > 3 * 50  # > 1 s of audio each
+    assert generator.send_lateness_ms.n == generator.frames_sent
+    assert calls.machine.cores >= 1 and calls.machine.cores_busy >= 0
+    process = calls.gateway_process
+    assert process.pid == os.getpid() and process.cpu_s > 0 and process.rss_peak_mb > 0
+    assert [t.name for t in report.targets] == [
+        "gateway share p99 (ms), at 100 calls",
+        "greeting p99 (ms): first audio + 20",
+        "RSS per live call (KB)",
+    ]
+    assert "end of speech -> first reply frame" in loadtest.format_text(report)
+
+
+def test_each_utterance_ends_on_a_voiced_frame() -> None:
+    clip = loadtest.voiced_clip(1500, seed=0, threshold=0.5)
+    assert 0 < len(clip) <= 1500 * 8 and len(clip) % 160 == 0
+
+
+def test_summary_percentiles() -> None:
+    summary = loadtest.Summary.of([*range(1, 101), None])
+    assert (summary.n, summary.p50, summary.max) == (100, 50.5, 100.0)
+    assert loadtest.Summary.of_counts({0: 99, 7: 1}).max == 7.0
+    assert loadtest.Summary.of([]).n == 0
+
+
+def test_reply_frames_count_gaps_underruns_and_odd_sizes() -> None:
+    frame = base64.b64encode(bytes(160)).decode()
+    reply = loadtest.ReplyFrames()
+    for i in range(5):  # a burst 5 ms apart: 100 ms of audio queued ahead of playback
+        reply.add(i * 0.005, 0, frame)
+    reply.add(0.2, 0, frame)  # 180 ms later: a gap, and the buffer ran dry at 0.1 s
+    reply.add(0.21, 0, base64.b64encode(bytes(480)).decode())  # 3 frames in one message
+    reply.add(1.0, 1, "c2hvcnQ=")  # the next reply: no gap across replies; 5 bytes
+    assert (reply.messages, reply.frames) == (8, 9)
+    assert (reply.gaps, reply.underruns, reply.odd_size) == (1, 1, 1)
+    assert round(reply.max_gap_ms) == 180
