@@ -82,6 +82,8 @@ class RealtimeSession:
     def __init__(self, manager: Any, connection: Any) -> None:
         self._manager = manager
         self._conn = connection
+        ws = getattr(connection, "_connection", None)  # websockets' ClientConnection
+        self._ws = ws if callable(getattr(ws, "send", None)) else None
         self.closed = False
 
     @classmethod
@@ -106,13 +108,22 @@ class RealtimeSession:
         except Exception as err:
             raise UpstreamClosed(str(err)) from err
 
-    async def send_text(self, text: str) -> None:
-        """A pre-serialized event (hot path)."""
-        if not self.closed:
-            try:
-                await self._conn.send_raw(text)
-            except Exception as err:
-                raise UpstreamClosed(str(err)) from err
+    async def send_bytes(self, data: bytes) -> None:
+        """Hot path: a pre-serialized event straight onto the SDK's own websocket.
+
+        The SDK's `send_raw` adds a send queue, receipts and a task lookup per event, about
+        5 µs of the 12 µs an audio append costs; its connection is the same socket, so the
+        frame is identical. Falls back to `send_raw` if the SDK ever renames it.
+        """
+        if self.closed:
+            return
+        try:
+            if self._ws is not None:
+                await self._ws.send(data, text=True)
+            else:
+                await self._conn.send_raw(data.decode())
+        except Exception as err:
+            raise UpstreamClosed(str(err)) from err
 
     async def recv(self) -> dict[str, Any]:
         try:

@@ -5,19 +5,24 @@ on the other (`audio/pcmu` both ways, so payloads pass through untouched). The h
 in `calls.py` only moves messages; everything that decides lives here, driven by an
 explicit clock so tests run without sockets or sleeps.
 
-Playback is tracked with one Twilio `mark` after every 160-byte frame: Twilio echoes a
-mark when the audio before it has played, so on barge-in we know what the caller heard
-to 20 ms, and truncate the model's memory of its own reply to exactly that.
+Each delta's whole 160-byte frames go out as one Twilio `media` message followed by one
+`mark`. Twilio echoes a mark when the audio before it has played, and plays at exactly
+8 bytes per ms, so the position inside the chunk now playing follows from the time since
+the previous echo: on barge-in we know what the caller heard to a few ms, and truncate the
+model's memory of its own reply to exactly that. (A mark per frame would give the same
+precision with twice the messages and an echo every 20 ms.)
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
 import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from gateway.transcode import FRAME_BYTES, MULAW_BYTES_PER_MS, FrameChunker
 
@@ -37,6 +42,13 @@ class SendTwilio:
 @dataclass(slots=True)
 class SendRealtime:
     event: dict[str, Any]
+
+
+@dataclass(slots=True)
+class SendRealtimeRaw:
+    """A pre-serialized event: the 50-a-second audio append skips dict and re-encoding."""
+
+    data: bytes
 
 
 @dataclass(slots=True)
@@ -68,13 +80,16 @@ class UpstreamError:
     message: str
 
 
-Action = SendTwilio | SendRealtime | EndCall | RecordTurn | RecordUsage | UpstreamError
+Action = (
+    SendTwilio | SendRealtime | SendRealtimeRaw | EndCall | RecordTurn | RecordUsage | UpstreamError
+)
 
 
 @dataclass(slots=True)
 class _Mark:
     number: int
     item_id: str
+    item_bytes_start: int  # where in the item the chunk before this mark begins
     item_bytes_end: int  # bytes of this item on the phone once this mark is echoed
 
 
@@ -142,7 +157,8 @@ class CallState:
         self._items: dict[str, _Item] = {}
         self._marks: deque[_Mark] = deque()
         self._mark_seq = 0
-        self._pre_start: list[tuple[_Item, bytes]] = []  # frames made before Twilio's start
+        self._pre_start: list[tuple[_Item, bytes]] = []  # chunks made before Twilio's start
+        self._playing_since: float | None = None  # when the chunk at _marks[0] began playing
         self._active_response: str | None = None
         self._dropped_responses: set[str] = set()
         self._appended_bytes = 0
@@ -156,7 +172,7 @@ class CallState:
         if kind == "media":
             return self._on_media(msg, now)
         if kind == "mark":
-            return self._on_mark(msg.get("mark", {}).get("name", ""))
+            return self._on_mark(msg.get("mark", {}).get("name", ""), now)
         if kind == "start":
             return self._on_start(msg, now)
         if kind == "dtmf":
@@ -164,7 +180,7 @@ class CallState:
             return [RecordTurn("dtmf", digit)] if digit else []
         if kind == "stop":
             self.ended = True
-            return [EndCall("caller hung up")]
+            return [*self._record_unfinished(now), EndCall("caller hung up")]
         return []  # connected, and events Twilio may add later
 
     def _on_start(self, msg: dict[str, Any], now: float) -> list[Action]:
@@ -173,8 +189,8 @@ class CallState:
         self.call_sid = start.get("callSid")
         self.started_at = now
         actions: list[Action] = []
-        for item, frame in self._pre_start:
-            actions += self._frame_actions(item, frame, now)
+        for item, chunk in self._pre_start:
+            actions += self._chunk_actions(item, chunk, now)
         self._pre_start.clear()
         return actions
 
@@ -190,9 +206,9 @@ class CallState:
         self._append_times.append(now)
         if len(self._append_ends) > 4096:  # ~80 s of alignment history is plenty
             del self._append_ends[:2048], self._append_times[:2048]
-        return [SendRealtime({"type": "input_audio_buffer.append", "audio": payload})]
+        return [SendRealtimeRaw(_APPEND_HEAD + orjson.dumps(payload) + b"}")]
 
-    def _on_mark(self, name: str) -> list[Action]:
+    def _on_mark(self, name: str, now: float) -> list[Action]:
         try:
             number = int(name)
         except ValueError:
@@ -205,6 +221,8 @@ class CallState:
             if item is not None:
                 item.played = max(item.played, mark.item_bytes_end)
                 finished += self._maybe_record(item)
+            # The next queued chunk starts playing as this one ends.
+            self._playing_since = now if self._marks else None
         return finished
 
     # Realtime side
@@ -246,16 +264,14 @@ class CallState:
         if response_id in self._dropped_responses:
             return []
         item = self._item_for(event.get("item_id", ""), response_id)
-        audio = base64.b64decode(event.get("delta", ""))
+        audio = binascii.a2b_base64(event.get("delta", ""))
         item.received += len(audio)
         turn = self._pending_turn
         if turn is not None and turn.first_delta_at is None:
             turn.first_delta_at = now
             item.timing, self._pending_turn = turn, None
-        actions: list[Action] = []
-        for frame in self._chunker.push(audio):
-            actions += self._emit_frame(item, frame, now)
-        return actions
+        whole = self._chunker.take(audio)
+        return self._emit_chunk(item, whole, now) if whole else []
 
     def _on_audio_done(self, event: dict[str, Any], now: float) -> list[Action]:
         item = self._items.get(event.get("item_id", ""))
@@ -263,7 +279,7 @@ class CallState:
             return []
         item.audio_done = True
         tail = self._chunker.flush()
-        return self._emit_frame(item, tail, now) if tail else self._maybe_record(item)
+        return self._emit_chunk(item, tail, now) if tail else self._maybe_record(item)
 
     def _on_transcript_done(self, event: dict[str, Any], now: float) -> list[Action]:
         item = self._items.get(event.get("item_id", ""))
@@ -311,9 +327,13 @@ class CallState:
                 actions.append(SendRealtime({"type": "response.cancel"}))
         if not self._marks:
             return actions  # nothing is playing: the caller heard the whole reply
-        item = self._items.get(self._marks[0].item_id)
+        playing = self._marks[0]
+        item = self._items.get(playing.item_id)
         actions.append(SendTwilio({"event": "clear", "streamSid": self.stream_sid}))
+        if item is not None:
+            item.played = max(item.played, self._position_in(playing, now))
         self._marks.clear()
+        self._playing_since = None
         self._chunker.reset()
         if item is not None:
             actions.append(self._forget_unheard(item))
@@ -360,17 +380,41 @@ class CallState:
                 self._items.pop(next(iter(self._items)))
         return item
 
-    def _emit_frame(self, item: _Item, frame: bytes, now: float) -> list[Action]:
-        if self.stream_sid is None:
-            self._pre_start.append((item, frame))
-            return []
-        return self._frame_actions(item, frame, now)
+    def _record_unfinished(self, now: float) -> list[Action]:
+        """At hang-up, replies still on the phone are remembered as far as they were heard."""
+        if self._marks:
+            playing = self._marks[0]
+            item = self._items.get(playing.item_id)
+            if item is not None:
+                item.played = max(item.played, self._position_in(playing, now))
+        actions: list[Action] = []
+        for item in self._items.values():
+            if not item.recorded and item.text and item.queued > 0:
+                actions += self._record_assistant(item, _heard_part(item))
+        return actions
 
-    def _frame_actions(self, item: _Item, frame: bytes, now: float) -> list[Action]:
-        item.queued += len(frame)
+    def _position_in(self, playing: _Mark, now: float) -> int:
+        """Bytes of the item played by `now`: the chunk's start plus real time since it began."""
+        if self._playing_since is None:
+            return playing.item_bytes_start
+        elapsed = round((now - self._playing_since) * 1000) * MULAW_BYTES_PER_MS
+        return min(playing.item_bytes_end, playing.item_bytes_start + max(0, elapsed))
+
+    def _emit_chunk(self, item: _Item, chunk: bytes, now: float) -> list[Action]:
+        if self.stream_sid is None:
+            self._pre_start.append((item, chunk))
+            return []
+        return self._chunk_actions(item, chunk, now)
+
+    def _chunk_actions(self, item: _Item, chunk: bytes, now: float) -> list[Action]:
+        """Whole frames as one `media`, then the `mark` that tells us when they have played."""
+        start = item.queued
+        item.queued += len(chunk)
         self._mark_seq += 1
-        self._marks.append(_Mark(self._mark_seq, item.item_id, item.queued))
-        self.frames_sent += 1
+        if not self._marks:  # the phone was idle: this chunk starts playing on arrival
+            self._playing_since = now
+        self._marks.append(_Mark(self._mark_seq, item.item_id, start, item.queued))
+        self.frames_sent += len(chunk) // FRAME_BYTES
         if self.greeting_ms is None and self.started_at is not None:
             self.greeting_ms = (now - self.started_at) * 1000
         timing = item.timing
@@ -382,7 +426,7 @@ class CallState:
                 {
                     "event": "media",
                     "streamSid": sid,
-                    "media": {"payload": base64.b64encode(frame).decode("ascii")},
+                    "media": {"payload": binascii.b2a_base64(chunk, newline=False).decode()},
                 }
             ),
             SendTwilio({"event": "mark", "streamSid": sid, "mark": {"name": str(self._mark_seq)}}),
@@ -411,6 +455,9 @@ class CallState:
     @property
     def response_active(self) -> bool:
         return self._active_response is not None
+
+
+_APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":'
 
 
 def _heard_part(item: _Item) -> str:

@@ -27,6 +27,7 @@ from gateway.call_state import (
     RecordTurn,
     RecordUsage,
     SendRealtime,
+    SendRealtimeRaw,
     SendTwilio,
     UpstreamError,
 )
@@ -168,7 +169,9 @@ class LiveCall:
 
     async def perform(self, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, SendTwilio):
+            if isinstance(action, SendRealtimeRaw):  # first: 50 a second per call
+                await self._audio_to_realtime(action.data)
+            elif isinstance(action, SendTwilio):
                 await self._to_twilio(action.message)
             elif isinstance(action, SendRealtime):
                 await self._to_realtime(action.event)
@@ -199,6 +202,14 @@ class LiveCall:
         # On a close the pump sees the same error and reconnects; this frame is lost.
         with contextlib.suppress(UpstreamClosed):
             await self.session.send(event)
+
+    async def _audio_to_realtime(self, data: bytes) -> None:
+        if self.session is None:
+            return
+        try:  # noqa: SIM105 - a try is free per frame; suppress() is a context manager call
+            await self.session.send_bytes(data)
+        except UpstreamClosed:
+            pass  # the pump sees the same close and reconnects; this frame is lost
 
     # store
     def _record_turn(self, turn: RecordTurn) -> None:

@@ -75,6 +75,16 @@ class FrameChunker:
         del self._pending[:whole]
         return [out[i : i + self.frame_bytes] for i in range(0, whole, self.frame_bytes)]
 
+    def take(self, data: bytes) -> bytes:
+        """Like push, but the whole frames come back joined, ready to send as one payload."""
+        self._pending += data
+        whole = len(self._pending) - len(self._pending) % self.frame_bytes
+        if whole == 0:
+            return b""
+        out = bytes(self._pending[:whole])
+        del self._pending[:whole]
+        return out
+
     def flush(self, pad: int = 0xFF) -> bytes | None:
         """The last partial frame padded with mu-law silence, or None when empty."""
         if not self._pending:

@@ -2,12 +2,15 @@
 
 import base64
 
+import orjson
+
 from gateway.call_state import (
     CallState,
     EndCall,
     RecordTurn,
     RecordUsage,
     SendRealtime,
+    SendRealtimeRaw,
     SendTwilio,
     UpstreamError,
 )
@@ -76,10 +79,12 @@ def test_inbound_media_passes_through_untouched():
     frame = speech_mulaw(20)
     msg = media(frame)
     [action] = state.on_twilio(msg, 0.02)
-    assert action.event == {"type": "input_audio_buffer.append", "audio": msg["media"]["payload"]}
+    assert isinstance(action, SendRealtimeRaw)
+    event = orjson.loads(action.data)
+    assert event == {"type": "input_audio_buffer.append", "audio": msg["media"]["payload"]}
 
 
-def test_outbound_deltas_become_whole_160_byte_frames_each_with_a_mark():
+def test_outbound_deltas_go_as_whole_160_byte_frames_each_chunk_with_a_mark():
     state = CallState()
     start(state)
     audio = speech_mulaw(500)  # 4000 bytes, delivered in ragged deltas
@@ -95,10 +100,12 @@ def test_outbound_deltas_become_whole_160_byte_frames_each_with_a_mark():
     medias = [m for m in sent if m["event"] == "media"]
     marks = [m for m in sent if m["event"] == "mark"]
     assert [m["event"] for m in sent] == ["media", "mark"] * len(medias)
+    sizes = [len(base64.b64decode(m["media"]["payload"])) for m in medias]
+    assert all(size % 160 == 0 and size > 0 for size in sizes)
     payload = b"".join(base64.b64decode(m["media"]["payload"]) for m in medias)
-    assert all(len(base64.b64decode(m["media"]["payload"])) == 160 for m in medias)
     assert payload[: len(audio)] == audio  # bit-exact, remainder carried across deltas
-    assert len(payload) == 4000 + 160 - 4000 % 160 if 4000 % 160 else len(payload) == 4000
+    assert len(payload) == 4000  # 4000 is 25 whole frames: the tail needed no padding
+    assert sizes == [960, 320, 2560, 160]  # each remainder rode on to the next delta
     assert all(set(m) == {"event", "streamSid", "media"} for m in medias)
     assert all(set(m["media"]) == {"payload"} for m in medias)
     assert len({m["mark"]["name"] for m in marks}) == len(marks)
@@ -108,8 +115,9 @@ def test_audio_before_start_waits_for_the_stream_then_goes_at_once():
     state = CallState()
     assert state.on_realtime(delta(speech_mulaw(100)), 1.0) == []
     actions = start(state, now=1.5)
-    assert len([m for m in twilio_messages(actions) if m["event"] == "media"]) == 5
-    assert state.greeting_ms == 0.0
+    medias = [m for m in twilio_messages(actions) if m["event"] == "media"]
+    assert sum(len(base64.b64decode(m["media"]["payload"])) for m in medias) == 800
+    assert state.greeting_ms == 0.0 and state.frames_sent == 5
 
 
 def test_barge_in_clears_the_phone_and_truncates_to_what_was_heard():
@@ -117,12 +125,15 @@ def test_barge_in_clears_the_phone_and_truncates_to_what_was_heard():
     start(state)
     state.on_realtime(session_updated(), 0.0)
     state.on_realtime({"type": "response.created", "response": {"id": "resp_1"}}, 0.1)
-    sent = twilio_messages(state.on_realtime(delta(speech_mulaw(1000)), 0.2))
+    sent = []
+    for i in range(8):  # eight 120 ms deltas reach the idle phone at t=0.2
+        sent += twilio_messages(state.on_realtime(delta(speech_mulaw(120, seed=i)), 0.2))
     marks = [m["mark"]["name"] for m in sent if m["event"] == "mark"]
-    # The phone played 23 frames (460 ms) and echoed their marks.
-    for name in marks[:23]:
-        state.on_twilio({"event": "mark", "streamSid": SID, "mark": {"name": name}}, 0.7)
-    actions = state.on_realtime({"type": "input_audio_buffer.speech_started"}, 0.7)
+    # Twilio echoes each mark as its chunk finishes playing: 0.32, 0.44, 0.56 ...
+    for n, name in enumerate(marks[:3], start=1):
+        state.on_twilio({"event": "mark", "streamSid": SID, "mark": {"name": name}}, 0.2 + n * 0.12)
+    # The caller talks over it at 0.66 s: 460 ms of the reply have played.
+    actions = state.on_realtime({"type": "input_audio_buffer.speech_started"}, 0.66)
     assert {"event": "clear", "streamSid": SID} in twilio_messages(actions)
     [truncate] = realtime_events(actions)  # server VAD cancels the response itself
     assert truncate == {
@@ -143,7 +154,7 @@ def test_barge_in_with_nothing_heard_deletes_the_item_and_cancels_when_server_wi
     state.on_realtime(session_updated(interrupt=False), 0.0)
     state.on_realtime({"type": "response.created", "response": {"id": "resp_1"}}, 0.1)
     state.on_realtime(delta(speech_mulaw(300)), 0.2)
-    actions = state.on_realtime({"type": "input_audio_buffer.speech_started"}, 0.21)
+    actions = state.on_realtime({"type": "input_audio_buffer.speech_started"}, 0.2)
     events = realtime_events(actions)
     assert {"type": "response.cancel"} in events
     assert {"type": "conversation.item.delete", "item_id": "item_1"} in events
@@ -242,7 +253,7 @@ def test_interrupted_reply_is_remembered_as_cut():
     start(state)
     state.on_realtime(session_updated(), 0.0)
     state.on_realtime({"type": "response.created", "response": {"id": "r"}}, 0.0)
-    sent = twilio_messages(state.on_realtime(delta(speech_mulaw(1000), response="r"), 0.0))
+    state.on_realtime(delta(speech_mulaw(1000), response="r"), 0.0)
     state.on_realtime(
         {
             "type": "response.output_audio_transcript.done",
@@ -252,12 +263,10 @@ def test_interrupted_reply_is_remembered_as_cut():
         },
         0.0,
     )
-    marks = [m["mark"]["name"] for m in sent if m["event"] == "mark"]
-    state.on_twilio({"event": "mark", "streamSid": SID, "mark": {"name": marks[24]}}, 0.5)
     actions = state.on_realtime({"type": "input_audio_buffer.speech_started"}, 0.5)
     [turn] = [a for a in actions if isinstance(a, RecordTurn)]
     assert turn.text.endswith("…") and turn.text.startswith("um dois")
-    assert "dez" not in turn.text
+    assert "dez" not in turn.text and turn.audio_ms == 500
 
 
 def test_dtmf_stop_usage_and_errors():
@@ -274,3 +283,24 @@ def test_dtmf_stop_usage_and_errors():
     assert isinstance(err, UpstreamError)
     [end] = state.on_twilio({"event": "stop", "streamSid": SID, "stop": {}}, 0)
     assert isinstance(end, EndCall) and state.ended
+
+
+def test_hang_up_remembers_the_reply_as_far_as_it_was_heard():
+    state = CallState()
+    start(state)
+    state.on_realtime(session_updated(), 0.0)
+    state.on_realtime(delta(speech_mulaw(1000), response="r"), 0.0)
+    done = {"response_id": "r", "item_id": "item_1"}
+    state.on_realtime({"type": "response.output_audio.done", **done}, 0.0)
+    state.on_realtime(
+        {
+            "type": "response.output_audio_transcript.done",
+            "transcript": "um dois três quatro",
+            **done,
+        },
+        0.0,
+    )
+    actions = state.on_twilio({"event": "stop", "streamSid": SID, "stop": {}}, 0.5)
+    [turn] = [a for a in actions if isinstance(a, RecordTurn)]
+    assert turn.text == "um dois…" and turn.audio_ms == 500
+    assert isinstance(actions[-1], EndCall)
