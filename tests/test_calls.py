@@ -239,3 +239,19 @@ async def test_when_openai_cannot_be_reached_again_the_call_ends_cleanly(gateway
         # Closing the stream hands the call back to the TwiML, whose <Say> apologises.
         assert caller.closed_by_server
         assert "<Say" in caller.dial_result.body and "Desculpe" in caller.dial_result.body
+
+
+async def test_the_60_minute_cap_is_survived_like_a_drop(gateway, realtime_sim, sim_config):
+    sim_config.max_session_s = 1.0  # the real cap is 60 minutes; the close is the same
+    caller, first = await connected_call(gateway, realtime_sim)
+    await first.wait_event("session.updated", 3)  # its 1 s clock is running by now
+    sim_config.max_session_s = 3600.0  # only the first session is cut short
+    async with caller:
+        await first.wait_for(lambda: first.closed, timeout=5)
+        assert first.close_code == 1001
+        second = await realtime_sim.wait_for_session(count=2)
+        await second.wait_for(lambda: received(second, "session.update"), 3)
+        before = len(caller.audio_received)
+        await caller.speak_and_wait(speech_mulaw(1000, seed=7))
+        await caller.wait_playback_idle(quiet_s=0.3)
+        assert len(caller.audio_received) > before and not caller.closed.is_set()
