@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import re
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import SplitResult, urlparse, urlsplit, urlunsplit
 
 from aiohttp import encode_basic_auth, web
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import RequestValidator, add_port, compare, remove_port
 from twilio.rest import Client
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class TwilioSignatures:
             return False
         try:
             form = await request.post()
-            return self._validator.validate(self._origin + request.raw_path, form, signature)
+            return self._valid(self._origin + request.raw_path, form, signature)
         except Exception:  # a malformed body or multipart file is simply not a valid signature
             log.debug("signature check failed on an unparsable request", exc_info=True)
             return False
@@ -74,9 +75,22 @@ class TwilioSignatures:
         if not signature:
             return False
         try:
-            return self._validator.validate(self._ws_origin + request.raw_path, {}, signature)
+            return self._valid(self._ws_origin + request.raw_path, {}, signature)
         except Exception:
             return False
+
+    def _valid(self, url: str, params: Any, signature: str) -> bool:
+        """`RequestValidator.validate` for form bodies, stopping at the first match.
+
+        The SDK always computes both URL variants (with and without the default port); the
+        one Twilio signs is nearly always the first, so this halves the HMAC work of a
+        webhook burst. Same SDK functions, same answers.
+        """
+        parsed = urlparse(url)
+        for candidate in (remove_port(parsed), add_port(parsed)):
+            if compare(self._validator.compute_signature(candidate, params), signature):
+                return True
+        return False
 
     def stream_url(self, path: str = "/media-stream") -> str:
         """The `<Stream url>` for TwiML: wss for an https public URL, ws for http."""
