@@ -227,7 +227,7 @@ async def test_voice_note_in_reaches_the_model_as_pcm24k_and_is_answered_alike(w
     await wa.settled(sid)
     person = await wa.store.person_by_number(USER)
     user_turn, reply_turn = await wa.store.recent_turns(person.id)
-    assert user_turn.text == "(fala do utilizador)"  # the simulator's input transcript
+    assert user_turn.text == "(fala do cliente)"  # the simulator's input transcript
     assert user_turn.audio_ms == pytest.approx(2500, abs=25)
     assert reply_turn.text == REPLY and reply_turn.audio_ms > 0
 

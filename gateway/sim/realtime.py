@@ -98,7 +98,7 @@ class RealtimeSimConfig:
     semantic_silence_ms: dict[str, int] = field(
         default_factory=lambda: {"low": 2000, "medium": 1000, "auto": 1000, "high": 500}
     )
-    input_transcript: str | TranscriptFn = "(fala do utilizador)"  # when transcription is on
+    input_transcript: str | TranscriptFn = "(fala do cliente)"  # when transcription is on
     transcription_latency_ms: float = 150.0
     send_conversation_created: bool = False  # the real server may or may not; don't rely on it
     send_item_created: bool = False  # legacy conversation.item.created next to .added
