@@ -95,9 +95,9 @@ class LiveCall:
         try:
             if self.person is not None:
                 self.memory = await load_memory(self.rt.store, self.person)
-            self.session = await self._open_session(self.memory)
-            greeting = greeting_instruction(self.rt.persona, "call", self.memory)
             instructions = instructions_for(self.rt.persona, "call", self.memory)
+            self.session = await self._open_session(instructions)
+            greeting = greeting_instruction(self.rt.persona, "call", self.memory)
             await self.session.send(
                 {
                     "type": "response.create",
@@ -114,9 +114,8 @@ class LiveCall:
         self._pump = asyncio.current_task()  # type: ignore[assignment]
         await self._pump_events()
 
-    async def _open_session(self, memory: MemoryContext) -> RealtimeSession:
+    async def _open_session(self, instructions: str) -> RealtimeSession:
         settings = self.rt.settings
-        instructions = instructions_for(self.rt.persona, "call", memory)
         return await RealtimeSession.open(
             self.rt.openai, settings.realtime_model, call_session(settings, instructions)
         )
@@ -145,9 +144,10 @@ class LiveCall:
     async def _reconnect(self) -> bool:
         """A new session with persona, memory and this call's transcript; the call goes on."""
         memory = with_transcript(self.memory, self.state.transcript, "call")
+        instructions = instructions_for(self.rt.persona, "call", memory)
         for attempt in range(1, RECONNECT_ATTEMPTS + 1):
             try:
-                self.session = await self._open_session(memory)
+                self.session = await self._open_session(instructions)
             except Exception as err:
                 log.warning("call %s: reconnect %d failed: %s", self.call_sid, attempt, err)
                 await asyncio.sleep(0.2 * attempt)
@@ -260,6 +260,10 @@ class LiveCall:
         )
 
     # lifecycle
+    @property
+    def ended(self) -> bool:
+        return self._ending
+
     async def end(self, apologise: bool = False) -> None:
         """Close everything once; closing Twilio's socket lets the TwiML <Say> apologise."""
         if self._ending:
@@ -394,6 +398,9 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         ACTIVE_CALLS.inc()
         try:
             await call.upstream_ready.wait()
+            if call.ended:  # OpenAI could not be reached: the TwiML's <Say> apologises
+                await ws.close()
+                return ws
             await call.on_twilio(start)
             await _relay(ws, call)
         finally:

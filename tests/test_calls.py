@@ -14,7 +14,7 @@ from gateway.realtime_events import check_client_event
 from gateway.sim.caller import SimulatedCaller
 from gateway.sim.realtime import RealtimeSimConfig
 from gateway.sim.speech import speech_mulaw
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, free_port
 
 PUBLIC = "https://gw.example.test"
 CALLER = "+5516999990001"
@@ -255,3 +255,16 @@ async def test_the_60_minute_cap_is_survived_like_a_drop(gateway, realtime_sim, 
         await caller.speak_and_wait(speech_mulaw(1000, seed=7))
         await caller.wait_playback_idle(quiet_s=0.3)
         assert len(caller.audio_received) > before and not caller.closed.is_set()
+
+
+async def test_when_openai_is_unreachable_from_the_start_the_stream_ends_at_once(
+    start_gateway, live_env
+):
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    gateway = await start_gateway({**live_env, "OPENAI_BASE_URL": dead, "PUBLIC_BASE_URL": PUBLIC})
+    caller = new_caller(gateway)
+    async with caller:
+        assert (await caller.dial()).status == 200  # Twilio still gets its TwiML
+        await caller.connect()
+        await caller.wait_until(lambda: caller.closed.is_set(), 10)
+        assert caller.closed_by_server and caller.audio_received == bytearray()
