@@ -151,6 +151,7 @@ class CallState:
     frames_sent: int = 0
     interrupt_response: bool = True
     vad_silence_ms: int = 0
+    caller_speaking: bool = False
 
     def __post_init__(self) -> None:
         self._chunker = FrameChunker(FRAME_BYTES)
@@ -320,6 +321,7 @@ class CallState:
         return [RecordTurn("user", text)]
 
     def _on_speech_started(self, event: dict[str, Any], now: float) -> list[Action]:
+        self.caller_speaking = True
         actions: list[Action] = []
         if self._active_response is not None:
             self._dropped_responses.add(self._active_response)
@@ -356,6 +358,7 @@ class CallState:
         )
 
     def _on_speech_stopped(self, event: dict[str, Any], now: float) -> list[Action]:
+        self.caller_speaking = False
         # audio_end_ms includes the VAD's silence window; the caller stopped before it.
         end_ms = int(event.get("audio_end_ms", 0)) - self.vad_silence_ms
         end_of_speech = self._wall_time_of(end_ms, now)
@@ -446,6 +449,7 @@ class CallState:
         self._append_ends.clear()
         self._append_times.clear()
         self._active_response = None
+        self.caller_speaking = False
         self._chunker.reset()
 
     @property
@@ -455,6 +459,11 @@ class CallState:
     @property
     def response_active(self) -> bool:
         return self._active_response is not None
+
+    @property
+    def quiet(self) -> bool:
+        """Nobody is talking: a moment to swap the upstream session unheard."""
+        return not (self.caller_speaking or self._active_response or self._marks)
 
 
 _APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":'

@@ -84,6 +84,9 @@ class LiveCall:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pump: asyncio.Task[None] | None = None
         self._greeting_observed = False
+        self.session_opened_at = clock()
+        self.rotations = 0
+        self._rotating = False
         self._inbound_timer = FrameTimer("inbound")
         self._outbound_timer = FrameTimer("outbound")
 
@@ -97,6 +100,7 @@ class LiveCall:
                 self.memory = await load_memory(self.rt.store, self.person)
             instructions = instructions_for(self.rt.persona, "call", self.memory)
             self.session = await self._open_session(instructions)
+            self.session_opened_at = self.clock()
             greeting = greeting_instruction(self.rt.persona, "call", self.memory)
             await self.session.send(
                 {
@@ -122,12 +126,15 @@ class LiveCall:
 
     async def _pump_events(self) -> None:
         while not self._ending:
-            assert self.session is not None
+            session = self.session
+            assert session is not None
             try:
-                event = await self.session.recv()
+                event = await session.recv()
             except UpstreamClosed as err:
                 if self._ending:
                     return
+                if self.session is not session:
+                    continue  # a planned rotation replaced it
                 log.warning("call %s: upstream closed (%s); reconnecting", self.call_sid, err)
                 if not await self._reconnect():
                     await self.end(apologise=True)
@@ -141,13 +148,17 @@ class LiveCall:
             if timed:
                 self._outbound_timer.observe_since(started)
 
+    def _instructions_with_transcript(self) -> str:
+        memory = with_transcript(self.memory, self.state.transcript, "call")
+        return instructions_for(self.rt.persona, "call", memory)
+
     async def _reconnect(self) -> bool:
         """A new session with persona, memory and this call's transcript; the call goes on."""
-        memory = with_transcript(self.memory, self.state.transcript, "call")
-        instructions = instructions_for(self.rt.persona, "call", memory)
+        instructions = self._instructions_with_transcript()
         for attempt in range(1, RECONNECT_ATTEMPTS + 1):
             try:
                 self.session = await self._open_session(instructions)
+                self.session_opened_at = self.clock()
             except Exception as err:
                 log.warning("call %s: reconnect %d failed: %s", self.call_sid, attempt, err)
                 await asyncio.sleep(0.2 * attempt)
@@ -158,14 +169,48 @@ class LiveCall:
             return True
         return False
 
+    def _maybe_rotate(self, now: float) -> None:
+        """Before the API's 60-minute cap, swap sessions while nobody talks, so the cap
+        never cuts a reply or the caller mid-sentence."""
+        if (
+            not self._rotating
+            and now - self.session_opened_at > self.rt.settings.call_session_rotate_s
+            and self.state.quiet
+            and self.session is not None
+        ):
+            self._rotating = True
+            self._spawn(self._rotate())
+
+    async def _rotate(self) -> None:
+        old = self.session
+        try:
+            new = await self._open_session(self._instructions_with_transcript())
+        except Exception as err:
+            log.warning("call %s: session rotation failed (%s); will retry", self.call_sid, err)
+            self.session_opened_at = self.clock() - self.rt.settings.call_session_rotate_s + 30
+            self._rotating = False
+            return
+        if self._ending:
+            await new.close()
+            return
+        self.session, self.session_opened_at = new, self.clock()
+        self.state.upstream_replaced()
+        self.rotations += 1
+        self._rotating = False
+        log.info("call %s: Realtime session rotated before its time cap", self.call_sid)
+        if old is not None:
+            await old.close()
+
     # twilio
     async def on_twilio(self, message: dict[str, Any]) -> None:
+        now = self.clock()
+        self._maybe_rotate(now)
         if self._inbound_timer.due():
             started = time.perf_counter()
-            await self.perform(self.state.on_twilio(message, self.clock()))
+            await self.perform(self.state.on_twilio(message, now))
             self._inbound_timer.observe_since(started)
         else:
-            await self.perform(self.state.on_twilio(message, self.clock()))
+            await self.perform(self.state.on_twilio(message, now))
 
     async def perform(self, actions: list[Action]) -> None:
         for action in actions:

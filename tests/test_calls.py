@@ -268,3 +268,24 @@ async def test_when_openai_is_unreachable_from_the_start_the_stream_ends_at_once
         await caller.connect()
         await caller.wait_until(lambda: caller.closed.is_set(), 10)
         assert caller.closed_by_server and caller.audio_received == bytearray()
+
+
+async def test_the_session_is_rotated_before_its_cap_while_nobody_talks(
+    start_gateway, live_env, realtime_sim
+):
+    env = {**live_env, "PUBLIC_BASE_URL": PUBLIC, "CALL_SESSION_ROTATE_S": "1.5"}
+    gateway = await start_gateway(env)
+    caller, first = await connected_call(gateway, realtime_sim)
+    async with caller:
+        await caller.wait_playback_idle(quiet_s=0.3)
+        second = await realtime_sim.wait_for_session(count=2, timeout=5)
+        await first.wait_for(lambda: first.closed, timeout=3)  # we closed it, after the swap
+        [update] = received(second, "session.update")
+        assert "Olá, tudo bem?" in update["session"]["instructions"]  # the call so far
+        assert not received(second, "response.create")  # no second greeting
+        before = len(caller.audio_received)
+        await caller.speak_and_wait(speech_mulaw(1000, seed=11))
+        await caller.wait_playback_idle(quiet_s=0.3)
+        assert len(caller.audio_received) > before and not caller.closed.is_set()
+        assert first.errors == [] and second.errors == []
+        assert caller.clears == []  # nothing the caller heard was cut
