@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from gateway import __version__
-from gateway.runtime import RUNTIME
+from gateway.runtime import RUNTIME, Runtime
 
 
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     store_ok = rt.store is not None and await rt.store.ping()
-    body = {
+    return web.json_response(health_report(rt, store_ok), status=200 if store_ok else 503)
+
+
+def health_report(rt: Runtime, store_ok: bool) -> dict[str, Any]:
+    """What /health answers; the dashboard shows the same."""
+    return {
         "status": "ok" if store_ok else "degraded",
         "version": __version__,
         "uptime_s": round(rt.uptime_s, 3),
@@ -23,4 +30,3 @@ async def health(request: web.Request) -> web.Response:
         },
         "sandbox": rt.realtime_sim is not None or rt.twilio_sim is not None,
     }
-    return web.json_response(body, status=200 if store_ok else 503)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from gateway.observability import mask_number
 from gateway.persona import Channel, MemoryContext, MemoryTurn, Persona, compose_instructions
 from gateway.store import Person, Store, Turn
 
@@ -17,17 +18,12 @@ def _channel_of(turn: Turn) -> str:
     return "whatsapp_voice" if turn.audio_ms else "whatsapp_text"
 
 
-def phone_hint(e164: str) -> str:
-    """Enough of the number to recognise it, not enough to leak it."""
-    return f"{e164[:3]}…{e164[-4:]}"
-
-
 async def load_memory(store: Store, person: Person) -> MemoryContext:
     turns = await store.recent_turns(person.id, HISTORY_TURNS)
     said = [t for t in turns if t.role in ("user", "assistant")]
     return MemoryContext(
         name=person.name,
-        phone_hint=phone_hint(person.e164),
+        phone_hint=mask_number(person.e164),
         summary=person.summary,
         turns=[
             MemoryTurn(t.role, t.text, _channel_of(t), datetime.fromisoformat(t.at)) for t in said

@@ -29,13 +29,13 @@ from aiohttp import encode_basic_auth, web
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 
 from gateway import media
-from gateway.memory import phone_hint
 from gateway.observability import (
     ERRORS,
     TURNS,
     WHATSAPP_REPLY,
     WHATSAPP_WEBHOOK,
     correlated,
+    mask_number,
 )
 from gateway.privacy import note_erasure_request
 from gateway.queue import GiveUp, InboundWorker, Intake, RetryLater
@@ -516,7 +516,7 @@ async def webhook(request: web.Request) -> web.Response:
         return web.Response(status=500, text="not stored")
     with correlated(f"msg={sid}"):
         if fresh:
-            log.info("whatsapp %s: accepted from %s", sid, phone_hint(e164))
+            log.info("whatsapp %s: accepted from %s", sid, mask_number(e164))
         else:
             log.info("whatsapp %s: duplicate delivery, already accepted", sid)
     WHATSAPP_WEBHOOK.observe(time.perf_counter() - started)

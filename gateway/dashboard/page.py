@@ -175,7 +175,8 @@ ol.transcript .meta { color: var(--muted); font-size: 12px; margin-left: 6px; }
     const ok = hh.status === "ok";
     return h("div", { class: "cards" }, [
       card("Estado", ok ? "ok" : "degradado", ok ? "good" : "bad"),
-      card("Banco de dados", hh.store ? "acessível" : "inacessível", hh.store ? "good" : "bad"),
+      card("Banco de dados", hh.store.reachable ? "acessível" : "inacessível",
+        hh.store.reachable ? "good" : "bad"),
       card("Realtime", `${hh.realtime.backend} · ${hh.realtime.model}`),
       card("Twilio", hh.twilio.backend),
       card("No ar há", clock(hh.uptime_s)),

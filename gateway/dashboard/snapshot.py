@@ -13,10 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import __version__
 from gateway.calls import REGISTRY, LiveCall
+from gateway.health import health_report
 from gateway.observability import mask_number
-from gateway.runtime import RUNTIME, Runtime
+from gateway.runtime import RUNTIME
 from gateway.store import Store, utcnow
 from gateway.store.reports import (
     ConversationReport,
@@ -45,7 +45,7 @@ async def build(app: web.Application) -> dict[str, Any]:
     calls = list(registry.live.values()) if registry is not None else []
     return {
         "generated_at": utcnow(),
-        "health": health(rt, store_ok),
+        "health": health_report(rt, store_ok),
         "live_calls": [live_call(c) for c in calls],
         "latency": latency(samples),
         "people": [person(p) for p in people],
@@ -54,18 +54,6 @@ async def build(app: web.Application) -> dict[str, Any]:
 
 async def _from_store(store: Store) -> tuple[list[PersonReport], LatencySamples]:
     return await recent_people(store), await latency_samples(store)
-
-
-def health(rt: Runtime, store_ok: bool) -> dict[str, Any]:
-    return {
-        "status": "ok" if store_ok else "degraded",
-        "version": __version__,
-        "uptime_s": round(rt.uptime_s, 1),
-        "store": store_ok,
-        "realtime": {"backend": rt.realtime_backend, "model": rt.settings.realtime_model},
-        "twilio": {"backend": rt.twilio_backend},
-        "sandbox": rt.realtime_sim is not None or rt.twilio_sim is not None,
-    }
 
 
 def live_call(call: LiveCall) -> dict[str, Any]:
