@@ -49,6 +49,7 @@ from gateway.privacy import note_erasure_request
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Person, normalize_number
 from gateway.twilio_api import signature_refused
+from gateway.usage import token_counts
 
 log = logging.getLogger(__name__)
 
@@ -287,18 +288,12 @@ class LiveCall:
     def _record_usage(self, usage: RecordUsage) -> None:
         if self.person is None or self.rt.store is None:
             return
-        u = usage.usage
-        details_in = u.get("input_token_details") or {}
-        details_out = u.get("output_token_details") or {}
         self._spawn(
             self.rt.store.add_usage(
                 self.person.id,
                 self.conversation_id,
                 usage.response_id,
-                input_tokens=u.get("input_tokens", 0),
-                output_tokens=u.get("output_tokens", 0),
-                input_audio_tokens=details_in.get("audio_tokens", 0),
-                output_audio_tokens=details_out.get("audio_tokens", 0),
+                **token_counts(usage.usage),
                 audio_seconds=usage.audio_ms / 1000,
                 model=self.rt.settings.realtime_model,
             )

@@ -51,3 +51,15 @@ def cost_usd(prices: Prices | None, row: dict[str, Any]) -> float | None:
         + audio_out * prices.audio_out
     )
     return total / MILLION
+
+
+def token_counts(usage: dict[str, Any]) -> dict[str, int]:
+    """The store's usage columns from a Realtime `response.done.usage`."""
+    details_in = usage.get("input_token_details") or {}
+    details_out = usage.get("output_token_details") or {}
+    return {
+        "input_tokens": usage.get("input_tokens") or 0,
+        "output_tokens": usage.get("output_tokens") or 0,
+        "input_audio_tokens": details_in.get("audio_tokens") or 0,
+        "output_audio_tokens": details_out.get("audio_tokens") or 0,
+    }

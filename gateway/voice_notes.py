@@ -31,6 +31,7 @@ from gateway.persona import Channel, MemoryContext, greeting_instruction
 from gateway.runtime import Runtime
 from gateway.store import Person
 from gateway.transcode import PCM24K_BYTES_PER_MS, OpusEncoder
+from gateway.usage import token_counts
 
 log = logging.getLogger(__name__)
 
@@ -416,18 +417,12 @@ class WarmSessions:
         )
 
     async def _record_usage(self, warm: _Warm, collector: ReplyCollector, audio_ms: int) -> None:
-        usage = collector.usage or {}
-        details_in = usage.get("input_token_details") or {}
-        details_out = usage.get("output_token_details") or {}
         try:
             await self.rt.store.add_usage(
                 warm.person.id,
                 warm.conversation_id,
                 collector.response_id,
-                input_tokens=usage.get("input_tokens") or 0,
-                output_tokens=usage.get("output_tokens") or 0,
-                input_audio_tokens=details_in.get("audio_tokens") or 0,
-                output_audio_tokens=details_out.get("audio_tokens") or 0,
+                **token_counts(collector.usage or {}),
                 audio_seconds=audio_ms / 1000,
                 model=self.rt.settings.realtime_model,
             )
