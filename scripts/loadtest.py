@@ -94,6 +94,7 @@ LATE_FRAME_MS = 20  # a caller frame a whole frame late means the generator fell
 PLAYOUT_TIMEOUT_S = 60.0  # a reply of the longest simulated length plays in < 20 s
 SAMPLE_S = 0.25  # /proc sampling period
 SETTLE_S = 3.0  # after the warm-up
+GOLDEN = (math.sqrt(5) - 1) / 2  # phase step: the most even spread of any count
 OTHERS_WARN_CORES = 0.15  # CPU used by processes outside the test that makes a run suspect
 
 
@@ -108,7 +109,8 @@ class LoadConfig:
     account_sid: str = SANDBOX_ACCOUNT_SID
     calls: int = 10
     turns: int = 3
-    ramp_s: float = 5.0  # call i starts at i * ramp_s / calls
+    ramp_s: float = 5.0  # call i starts at about i * ramp_s / calls (see start_offset)
+    phases: str = "spread"  # spread: callers' frame clocks at unrelated phases | grid
     speech_ms: int = 1500  # length of each utterance before trimming to its last voiced frame
     first_audio_ms: float = 300.0  # the simulator's response.created -> first delta
     vad_silence_ms: int = 500  # the gateway's VAD_SILENCE_MS
@@ -487,18 +489,33 @@ class CallBatch:
 async def run_calls(
     cfg: LoadConfig, indices: Iterable[int], start_at: float, progress: Progress
 ) -> CallBatch:
-    """Calls `indices` of the load, call i starting at start_at + i * ramp_s / calls."""
+    """Calls `indices` of the load, call i starting at start_at + start_offset(cfg, i)."""
     turn_clips(cfg.speech_ms, cfg.vad_threshold)  # synthesize before the clock starts
     lag = LagMonitor()
     lag.start()
     cpu_before = time.process_time()
     deadline = start_at + cfg.max_s  # the whole call phase, ramp included
-    step = cfg.ramp_s / max(cfg.calls, 1)
     results = await asyncio.gather(
-        *(run_call(cfg, i, start_at + i * step, deadline, progress) for i in indices)
+        *(run_call(cfg, i, start_at + start_offset(cfg, i), deadline, progress) for i in indices)
     )
     await lag.stop()
     return CallBatch(list(results), dict(lag.lag_ms), time.process_time() - cpu_before)
+
+
+def start_offset(cfg: LoadConfig, index: int) -> float:
+    """When call `index` starts, from the start of the load: evenly over the ramp and, with
+    `phases="spread"`, at a phase of the 20 ms frame clock of its own.
+
+    Real calls start at unrelated instants, so their frames reach the gateway at phases
+    spread over the 20 ms period; the golden-ratio sequence spreads N phases evenly.
+    `phases="grid"` starts every call on the same 20 ms grid, so every caller's frame
+    lands within the same few ms (the dial's jitter): a burst of N frames per period that
+    no phone network produces, kept as a stress case.
+    """
+    step = cfg.ramp_s / max(cfg.calls, 1)
+    if cfg.phases == "grid":
+        return round(index * step / FRAME_S) * FRAME_S
+    return index * step + (index * GOLDEN % 1.0) * FRAME_S
 
 
 # ---- generator workers -----------------------------------------------------------------
@@ -1568,6 +1585,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--ramp-s", type=float, default=5.0)
+    p.add_argument(
+        "--phases",
+        choices=("spread", "grid"),
+        default="spread",
+        help="callers' 20 ms frame phases: spread like real calls, or all on one grid (stress)",
+    )
     p.add_argument("--speech-ms", type=int, default=1500)
     p.add_argument("--latency-ms", type=float, default=300.0, help="simulator first audio")
     p.add_argument("--vad-silence-ms", type=int, default=500)
@@ -1606,6 +1629,7 @@ def config_from(args: argparse.Namespace) -> LoadConfig:
         calls=args.calls,
         turns=args.turns,
         ramp_s=args.ramp_s,
+        phases=args.phases,
         speech_ms=args.speech_ms,
         first_audio_ms=args.latency_ms,
         vad_silence_ms=args.vad_silence_ms,
@@ -1667,6 +1691,11 @@ def _setup_notes(args: argparse.Namespace) -> list[str]:
         if args.spawn
         else f"running gateway at {args.gateway}"
     ]
+    notes.append(
+        "callers' frame phases: spread over the 20 ms period (golden ratio)"
+        if args.phases == "spread"
+        else "callers' frame phases: all on one 20 ms grid (stress; no phone network does this)"
+    )
     if args.simulator_pid:
         notes.append(f"realtime simulator pid {args.simulator_pid}")
     if args.pin:

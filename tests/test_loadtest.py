@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -94,6 +95,24 @@ async def test_three_calls_of_one_turn_give_a_complete_sane_report(start_gateway
 def test_each_utterance_ends_on_a_voiced_frame() -> None:
     clip = loadtest.voiced_clip(1500, seed=0, threshold=0.5)
     assert 0 < len(clip) <= 1500 * 8 and len(clip) % 160 == 0
+
+
+def _phase_gaps_ms(cfg) -> list[float]:
+    """Gaps between the callers' frame phases on the 20 ms circle, sorted, in ms."""
+    period = loadtest.FRAME_S
+    phases = sorted(loadtest.start_offset(cfg, i) % period for i in range(cfg.calls))
+    gaps = [b - a for a, b in itertools.pairwise(phases)]
+    gaps.append(period - phases[-1] + phases[0])
+    return sorted(g * 1000 for g in gaps)
+
+
+def test_callers_frames_are_spread_over_the_20_ms_period_like_real_calls() -> None:
+    spread = loadtest.LoadConfig(calls=100, ramp_s=10.0)  # a 100 ms step: 5 whole frames
+    offsets = [loadtest.start_offset(spread, i) for i in range(100)]
+    assert offsets == sorted(offsets) and 9.9 <= offsets[-1] <= 10.0
+    assert _phase_gaps_ms(spread)[-1] <= 0.6  # no phase left empty longer than 3 callers' share
+    grid = loadtest.LoadConfig(calls=100, ramp_s=10.0, phases="grid")
+    assert _phase_gaps_ms(grid)[-1] == pytest.approx(20.0)  # the stress case: all in phase
 
 
 def test_summary_percentiles() -> None:
