@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway import admin, calls, dashboard, whatsapp
 from gateway.health import health
-from gateway.observability import metrics
+from gateway.observability import collector_tuned, metrics
 from gateway.persona import load_persona
 from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
 from gateway.settings import Settings, SettingsError
@@ -27,7 +27,7 @@ def create_app(settings: Settings) -> web.Application:
     app[RUNTIME] = Runtime(
         settings, persona=load_persona(settings.persona), prices=_prices(settings)
     )
-    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx, _collector_ctx])
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     calls.setup(app, settings.call_claim_timeout_s)
@@ -110,6 +110,11 @@ async def _summaries_ctx(app: web.Application) -> AsyncIterator[None]:
     rt.summarizer.start()
     yield
     await rt.summarizer.stop()
+
+
+async def _collector_ctx(app: web.Application) -> AsyncIterator[None]:
+    with collector_tuned():  # last: everything opened above is frozen with the modules
+        yield
 
 
 def _announce_sandbox(rt: Runtime) -> None:

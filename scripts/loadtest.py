@@ -997,6 +997,7 @@ class CallsReport:
     gateway_share_naive_ms: Summary
     gateway_view_ms: Summary | None
     gateway_forwarding: dict[str, BucketSummary]  # its /metrics, per direction
+    gateway_gc_pauses: dict[str, BucketSummary]  # its /metrics, per collector generation
     frames: FramesReport
     generator: GeneratorReport
     gateway_process: ProcessReport | None = None
@@ -1042,6 +1043,7 @@ def calls_report(cfg: LoadConfig, batch: CallBatch, progress: Progress) -> Calls
         gateway_share_naive_ms=Summary.of(t.naive_share_ms for t in turns),
         gateway_view_ms=None,
         gateway_forwarding={},
+        gateway_gc_pauses={},
         frames=frames_report(results),
         generator=generator_report(batch),
     )
@@ -1087,13 +1089,14 @@ def gateway_view(db_path: Path, since_id: int, silence_ms: int) -> Summary:
     return Summary.of(row[0] - silence_ms for row in rows)
 
 
-FORWARD_METRIC = "gateway_frame_forward_seconds"
+# The gateway's own histograms read from its /metrics, and the label that splits each.
+SCRAPED = {"gateway_frame_forward_seconds": "direction", "gateway_gc_pause_seconds": "generation"}
 
-Buckets = dict[str, dict[float, float]]  # direction -> upper bound (s) -> cumulative count
+Buckets = dict[str, dict[float, float]]  # label value -> upper bound (s) -> cumulative count
 
 
-async def scrape_forwarding(gateway_url: str) -> Buckets | None:
-    """The gateway's own per-frame forwarding histogram from GET /metrics, if it has one."""
+async def scrape_histograms(gateway_url: str) -> dict[str, Buckets]:
+    """The SCRAPED histograms from the gateway's GET /metrics ({} without /metrics)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -1102,17 +1105,18 @@ async def scrape_forwarding(gateway_url: str) -> Buckets | None:
             session.get(f"{gateway_url}/metrics") as response,
         ):
             if response.status != 200:
-                return None
+                return {}
             text = await response.text()
     except aiohttp.ClientError:
-        return None
-    buckets: Buckets = {}
+        return {}
+    found: dict[str, Buckets] = {}
     for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == f"{FORWARD_METRIC}_bucket":
-                direction = buckets.setdefault(sample.labels.get("direction", ""), {})
-                direction[float(sample.labels["le"])] = sample.value
-    return buckets or None
+        label = SCRAPED.get(family.name)
+        for sample in family.samples if label else ():
+            if sample.name == f"{family.name}_bucket":
+                series = found.setdefault(family.name, {}).setdefault(sample.labels[label], {})
+                series[float(sample.labels["le"])] = sample.value
+    return found
 
 
 @dataclass
@@ -1122,18 +1126,21 @@ class BucketSummary:
     n: int
     p50_le_ms: float | None
     p99_le_ms: float | None
+    max_le_ms: float | None
 
 
-def forwarding_report(before: Buckets | None, after: Buckets | None) -> dict[str, BucketSummary]:
-    if not after:
-        return {}
+def histogram_report(before: Buckets | None, after: Buckets | None) -> dict[str, BucketSummary]:
+    """What one scraped histogram counted between two scrapes, per label value."""
     report = {}
-    for direction, counts in after.items():
-        old = (before or {}).get(direction, {})
+    for value, counts in sorted((after or {}).items()):
+        old = (before or {}).get(value, {})
         delta = {le: n - old.get(le, 0.0) for le, n in sorted(counts.items())}
         total = delta.get(math.inf, 0.0)
-        report[direction] = BucketSummary(
-            int(total), _bucket_quantile(delta, total, 0.5), _bucket_quantile(delta, total, 0.99)
+        report[value] = BucketSummary(
+            int(total),
+            _bucket_quantile(delta, total, 0.5),
+            _bucket_quantile(delta, total, 0.99),
+            _bucket_quantile(delta, total, 1.0),
         )
     return report
 
@@ -1242,6 +1249,7 @@ async def _measure_calls(cfg: LoadConfig, stack: Stack, show_progress: bool) -> 
     seen = await watches.finish(cfg.calls, progress.peak_live, call_seconds, batch.cpu_s)
     report.gateway_process, report.simulator_process = seen.gateway, seen.simulator
     report.machine, report.gateway_forwarding = seen.machine, seen.forwarding
+    report.gateway_gc_pauses = seen.gc_pauses
     if stack.db_path is not None:
         await asyncio.sleep(0.5)  # the last turns are written in the background
         with contextlib.suppress(sqlite3.Error):  # another schema: no view, not a failure
@@ -1257,7 +1265,7 @@ class Watches:
     gateway: ProcWatch | None
     simulator: ProcWatch | None
     machine_before: tuple[float, float]
-    forwarding_before: Buckets | None
+    histograms_before: dict[str, Buckets]
 
     @classmethod
     async def start(cls, stack: Stack, gateway_url: str) -> Watches:
@@ -1266,7 +1274,7 @@ class Watches:
             ProcWatch(stack.gateway_pid) if stack.gateway_pid else None,
             ProcWatch(stack.simulator_pid) if stack.simulator_pid else None,
             read_machine(),
-            await scrape_forwarding(gateway_url),
+            await scrape_histograms(gateway_url),
         )
 
     async def finish(
@@ -1274,7 +1282,7 @@ class Watches:
     ) -> Observed:
         """`own_cpu_s`: the load generator's CPU, so that the rest is others' load."""
         machine = machine_report(self.machine_before, read_machine())
-        forwarding = await scrape_forwarding(self.gateway_url)
+        histograms = await scrape_histograms(self.gateway_url)
         processes: list[ProcessReport | None] = []
         for watch in (self.gateway, self.simulator):
             if watch is not None:
@@ -1283,7 +1291,11 @@ class Watches:
         ours = own_cpu_s + sum(p.cpu_s for p in processes if p is not None)
         if machine.wall_s:
             machine.other_cores = round(machine.cores_busy - ours / machine.wall_s, 2)
-        return Observed(*processes, machine, forwarding_report(self.forwarding_before, forwarding))
+        before = self.histograms_before
+        forwarding, gc_pauses = (
+            histogram_report(before.get(name), histograms.get(name)) for name in SCRAPED
+        )
+        return Observed(*processes, machine, forwarding, gc_pauses)
 
 
 @dataclass
@@ -1292,6 +1304,7 @@ class Observed:
     simulator: ProcessReport | None
     machine: MachineReport
     forwarding: dict[str, BucketSummary]
+    gc_pauses: dict[str, BucketSummary]
 
 
 # ---- spawning the gateway and the simulators -------------------------------------------
@@ -1489,6 +1502,12 @@ def _calls_text(c: CallsReport) -> list[str]:
             f"  gateway's own time per relayed frame, {direction} (its /metrics, sampled): "
             f"n {b.n}, p50 <= {_le_text(b.p50_le_ms)}, p99 <= {_le_text(b.p99_le_ms)}"
         )
+    if c.gateway_gc_pauses:  # every live stream stalls during a collection
+        pauses = "; ".join(
+            f"gen {gen}: n {b.n}" + (f", max <= {_le_text(b.max_le_ms)}" if b.n else "")
+            for gen, b in c.gateway_gc_pauses.items()
+        )
+        lines.append(f"  gateway's garbage-collector pauses (its /metrics): {pauses}")
     f, g = c.frames, c.generator
     lines.append(
         f"reply audio: {f.reply_frames} frames in {f.reply_messages} media messages; "

@@ -75,6 +75,10 @@ async def test_three_calls_of_one_turn_give_a_complete_sane_report(start_gateway
     assert calls.dial_ms.n == 3
     assert calls.greeting_ms.p50 <= calls.greeting_ms.p95 <= calls.greeting_ms.p99
     assert calls.gateway_view_ms is None  # no --db given
+    # Read from the gateway's /metrics: its own forwarding time and collector pauses.
+    assert set(calls.gateway_forwarding) == {"inbound", "outbound"}
+    assert calls.gateway_forwarding["inbound"].n >= 1
+    assert set(calls.gateway_gc_pauses) == {"0", "1", "2"}
     frames = calls.frames
     assert frames.reply_frames > 0
     assert (frames.violations, frames.odd_size_frames, frames.underruns) == (0, 0, 0)
@@ -90,6 +94,7 @@ async def test_three_calls_of_one_turn_give_a_complete_sane_report(start_gateway
         "RSS per live call (KB)",
     ]
     assert "end of speech -> first reply frame" in loadtest.format_text(report)
+    assert "garbage-collector pauses" in loadtest.format_text(report)
 
 
 def test_each_utterance_ends_on_a_voiced_frame() -> None:

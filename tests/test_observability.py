@@ -1,3 +1,4 @@
+import gc
 import io
 import logging
 
@@ -103,3 +104,19 @@ async def test_whatsapp_metrics_count_webhook_and_reply_times(gateway, twilio_si
     assert delta("gateway_whatsapp_reply_seconds_count{}") == 1
     assert delta("gateway_rejected_signatures_total{route=whatsapp}") == 1
     assert delta("gateway_turns_total{channel=whatsapp,role=assistant}") == 1
+
+
+async def test_start_up_objects_are_frozen_and_collector_pauses_are_timed(start_gateway, live_env):
+    callbacks_before = len(gc.callbacks)
+    gateway = await start_gateway(live_env)
+    before = await scrape(gateway.url)
+    # Modules, SDK clients and persona: far more than any per-call allocation.
+    assert before["gateway_gc_frozen_objects{}"] > 50_000
+    gc.collect()  # a full collection, as the process would run on its own sooner or later
+    after = await scrape(gateway.url)
+    key = "gateway_gc_pause_seconds_count{generation=2}"
+    assert after[key] == before.get(key, 0.0) + 1
+    assert after["gateway_gc_pause_seconds_sum{generation=2}"] > 0
+    await gateway.stop()
+    assert len(gc.callbacks) == callbacks_before  # a stopped gateway leaves no hook behind
+    assert gc.get_freeze_count() == 0
