@@ -1172,8 +1172,10 @@ def evaluate(cfg: LoadConfig, report: Report) -> list[Target]:
     limit = cfg.first_audio_ms + 20
     proc = calls.gateway_process
     rss = proc.rss_kb_per_live_call if proc else None
+    # The share target is set at 100 live calls: another load can neither meet nor miss it.
+    share_met = _le(share, 5.0) if calls.peak_live_calls == 100 else None
     return [
-        Target("gateway share p99 (ms), at 100 calls", 5.0, share, _le(share, 5.0)),
+        Target("gateway share p99 (ms), at 100 calls", 5.0, share, share_met),
         Target("greeting p99 (ms): first audio + 20", limit, greeting, _le(greeting, limit)),
         Target("RSS per live call (KB)", 1024.0, rss, _le(rss, 1024.0)),
     ]
@@ -1476,7 +1478,7 @@ def format_text(report: Report) -> str:
     if report.whatsapp is not None:
         lines += _whatsapp_text(report.whatsapp)
     for t in report.targets:
-        verdict = {True: "MET", False: "NOT MET", None: "n/a"}[t.met]
+        verdict = {True: "MET", False: "NOT MET", None: "n/a for this run"}[t.met]
         lines.append(f"target {t.name} <= {t.limit:g}: {t.value} -> {verdict}")
     return "\n".join(lines)
 

@@ -93,6 +93,7 @@ async def test_three_calls_of_one_turn_give_a_complete_sane_report(start_gateway
         "greeting p99 (ms): first audio + 20",
         "RSS per live call (KB)",
     ]
+    assert report.targets[0].met is None  # the share target is set at 100 live calls, not 3
     assert "end of speech -> first reply frame" in loadtest.format_text(report)
     assert "garbage-collector pauses" in loadtest.format_text(report)
 
