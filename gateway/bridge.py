@@ -14,26 +14,26 @@ from typing import Any
 import orjson
 from openai import AsyncOpenAI
 
-from gateway.settings import Settings
+from gateway.settings import CUSTOM_VOICE, Settings
 
 log = logging.getLogger(__name__)
 
 TRANSCRIPTION = {"model": "gpt-transcribe", "language": "pt"}
 
 
-def call_session(settings: Settings, instructions: str) -> dict[str, Any]:
+def call_session(settings: Settings, voice: str, instructions: str) -> dict[str, Any]:
     """Phone calls: mu-law both ways (no transcoding), server VAD, far-field noise reduction."""
-    return _session(settings, instructions, {"type": "audio/pcmu"}, "far_field",
+    return _session(settings, voice, instructions, {"type": "audio/pcmu"}, "far_field",
                     turn_detection(settings))  # fmt: skip
 
 
-def voice_note_session(settings: Settings, instructions: str) -> dict[str, Any]:
+def voice_note_session(settings: Settings, voice: str, instructions: str) -> dict[str, Any]:
     """WhatsApp: PCM16 24 kHz both ways, manual turns (each message is one whole turn)."""
-    return _session(settings, instructions, {"type": "audio/pcm", "rate": 24000}, "near_field",
-                    None)  # fmt: skip
+    return _session(settings, voice, instructions, {"type": "audio/pcm", "rate": 24000},
+                    "near_field", None)  # fmt: skip
 
 
-def _session(settings: Settings, instructions: str, audio_format: dict[str, Any],
+def _session(settings: Settings, voice: str, instructions: str, audio_format: dict[str, Any],
              noise: str, turns: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     return {
         "type": "realtime",
@@ -47,9 +47,14 @@ def _session(settings: Settings, instructions: str, audio_format: dict[str, Any]
                 "transcription": TRANSCRIPTION,
                 "turn_detection": turns,
             },
-            "output": {"format": audio_format, "voice": settings.realtime_voice},
+            "output": {"format": audio_format, "voice": voice_param(voice)},
         },
     }
+
+
+def voice_param(voice: str) -> str | dict[str, str]:
+    """A built-in voice goes by name; a custom one (voice_...) as {"id": ...}."""
+    return {"id": voice} if CUSTOM_VOICE.fullmatch(voice) else voice
 
 
 def turn_detection(settings: Settings) -> dict[str, Any]:

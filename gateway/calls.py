@@ -122,7 +122,9 @@ class LiveCall:
     async def _open_session(self, instructions: str) -> RealtimeSession:
         settings = self.rt.settings
         return await RealtimeSession.open(
-            self.rt.openai, settings.realtime_model, call_session(settings, instructions)
+            self.rt.openai,
+            settings.realtime_model,
+            call_session(settings, self.rt.voice, instructions),
         )
 
     async def _pump_events(self) -> None:

@@ -43,6 +43,14 @@ class Runtime:
     _signatures: TwilioSignatures | None = field(default=None, repr=False)
 
     @property
+    def voice(self) -> str:
+        """REALTIME_VOICE if set, else the persona's own voice."""
+        if self.settings.realtime_voice:
+            return self.settings.realtime_voice
+        assert self.persona is not None, "the app loads its persona at start"
+        return self.persona.voice
+
+    @property
     def realtime_backend(self) -> str:
         return "simulator" if self.realtime_sim is not None else "openai"
 

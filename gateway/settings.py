@@ -7,6 +7,7 @@ the variable, so a misconfigured deploy fails loudly before it takes a call.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,15 @@ DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_TWILIO_API_BASE_URL = "https://api.twilio.com"
 DEFAULT_DATABASE_URL = "sqlite:///data/gateway.db"
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+CUSTOM_VOICE = re.compile(r"voice_[A-Za-z0-9_-]+")  # a voice made from recordings, by its id
 VAD_TYPES = ("server_vad", "semantic_vad")
+
+
+def voice_problem(value: str) -> str | None:
+    """Why `value` is no Realtime voice: a built-in name or a custom voice id; None if it is."""
+    if value in VOICES or CUSTOM_VOICE.fullmatch(value):
+        return None
+    return f"must be one of {', '.join(VOICES)} or a custom voice id (voice_...); got {value!r}"
 
 
 class SettingsError(ValueError):
@@ -32,7 +41,7 @@ class Settings:
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     realtime_model: str = "gpt-realtime-2.1"
-    realtime_voice: str = "marin"
+    realtime_voice: str | None = None  # None: the persona's voice
     twilio_account_sid: str | None = None
     twilio_auth_token: str | None = field(default=None, repr=False)
     twilio_api_base_url: str = DEFAULT_TWILIO_API_BASE_URL
@@ -96,7 +105,7 @@ class Settings:
             openai_api_key=reader.optional("OPENAI_API_KEY"),
             openai_base_url=reader.url("OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL),
             realtime_model=reader.text("REALTIME_MODEL", "gpt-realtime-2.1"),
-            realtime_voice=reader.choice("REALTIME_VOICE", "marin", VOICES),
+            realtime_voice=reader.voice("REALTIME_VOICE"),
             twilio_account_sid=sid,
             twilio_auth_token=token,
             twilio_api_base_url=reader.url("TWILIO_API_BASE_URL", DEFAULT_TWILIO_API_BASE_URL),
@@ -164,6 +173,13 @@ class _Reader:
             raise SettingsError(name, f"must be a number, got {raw!r}") from None
         if not low <= value <= high:
             raise SettingsError(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    def voice(self, name: str) -> str | None:
+        value = self.optional(name)
+        problem = voice_problem(value) if value is not None else None
+        if problem:
+            raise SettingsError(name, problem)
         return value
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:

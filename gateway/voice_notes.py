@@ -317,7 +317,7 @@ class WarmSessions:
         warm.memory = await load_memory(rt.store, warm.person)
         instructions = instructions_for(rt.persona, channel, warm.memory)
         warm.session = await RealtimeSession.open(
-            rt.openai, settings.realtime_model, voice_note_session(settings, instructions)
+            rt.openai, settings.realtime_model, voice_note_session(settings, rt.voice, instructions)
         )
         warm.channel, warm.opened_at, warm.responses = channel, time.monotonic(), 0
         warm.conversation_id = await rt.store.start_conversation(warm.person.id, "whatsapp")

@@ -77,6 +77,7 @@ async def test_a_spoken_question_gets_a_spoken_reply_in_exact_twilio_frames(gate
     assert audio["input"]["turn_detection"]["type"] == "server_vad"
     assert audio["input"]["noise_reduction"] == {"type": "far_field"}
     assert audio["input"]["transcription"]["language"] == "pt"
+    assert audio["output"]["voice"] == "cedar"  # REALTIME_VOICE unset: the persona's, a man's
     assert "Endrigo" in update["session"]["instructions"]
     assert session.errors == []
     # The reply the caller heard is the simulator's audio, byte for byte.
@@ -87,6 +88,19 @@ async def test_a_spoken_question_gets_a_spoken_reply_in_exact_twilio_frames(gate
         bytes(caller.audio_received[: len(sent_audio) // 160 * 160])
         == (sent_audio[: len(sent_audio) // 160 * 160])
     )
+
+
+async def test_a_custom_voice_id_reaches_openai_as_a_voice_object(
+    start_gateway, live_env, realtime_sim
+):
+    env = {**live_env, "PUBLIC_BASE_URL": PUBLIC, "REALTIME_VOICE": "voice_endrigo01"}
+    caller, session = await connected_call(await start_gateway(env), realtime_sim)
+    async with caller:
+        await caller.wait_until(lambda: caller.first_reply_at is not None)  # greeting heard
+    [update] = received(session, "session.update")
+    check_client_event(update)
+    assert update["session"]["audio"]["output"]["voice"] == {"id": "voice_endrigo01"}
+    assert session.errors == []
 
 
 async def test_the_caller_audio_reaches_openai_untouched(gateway, realtime_sim):

@@ -99,6 +99,14 @@ def test_missing_message_key_is_named(persona_copy: Path, key: str) -> None:
         load_persona(str(persona_copy))
 
 
+def test_an_unknown_voice_is_named_with_its_file(persona_copy: Path) -> None:
+    toml = persona_copy / "persona.toml"
+    text = re.sub(r'^voice = ".*"$', 'voice = "nova"', toml.read_text("utf-8"), flags=re.M)
+    toml.write_text(text, encoding="utf-8")
+    with pytest.raises(PersonaError, match=r"persona\.toml: voice .*'nova'"):
+        load_persona(str(persona_copy))
+
+
 def test_missing_channel_table_is_named(persona_copy: Path) -> None:
     path = persona_copy / "channels.toml"
     path.write_text(path.read_text("utf-8").replace("[whatsapp_voice]", "[outro]"), "utf-8")

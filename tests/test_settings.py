@@ -16,6 +16,13 @@ def test_defaults_are_the_contract():
     assert s.public_base_url == "http://127.0.0.1:8080"
 
 
+def test_realtime_voice_is_a_built_in_name_a_custom_id_or_the_personas():
+    assert Settings.from_env({}).realtime_voice is None  # the persona decides
+    assert Settings.from_env({"REALTIME_VOICE": "ash"}).realtime_voice == "ash"
+    custom = Settings.from_env({"REALTIME_VOICE": "voice_1234"})
+    assert custom.realtime_voice == "voice_1234"
+
+
 def test_realtime_ws_url_is_derived_from_the_sdk_base_url():
     assert Settings.from_env({}).realtime_ws_url == "wss://api.openai.com/v1/realtime"
     local = Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:9000/v1/"})
@@ -37,6 +44,7 @@ def test_realtime_ws_url_is_derived_from_the_sdk_base_url():
         ({"DATABASE_URL": "postgresql://db/x"}, "DATABASE_URL"),
         ({"DATABASE_URL": "mysql://db"}, "DATABASE_URL"),
         ({"REALTIME_VOICE": "nova"}, "REALTIME_VOICE"),
+        ({"REALTIME_VOICE": "voice_"}, "REALTIME_VOICE"),
         ({"VAD_THRESHOLD": "2"}, "VAD_THRESHOLD"),
         ({"VAD_TYPE": "push_to_talk"}, "VAD_TYPE"),
     ],

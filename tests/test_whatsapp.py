@@ -167,6 +167,7 @@ async def test_text_in_gets_the_text_then_a_voice_note_of_the_same_reply(wa):
     update, item, create = (t.event for t in session.received)
     assert update["session"]["audio"]["input"]["turn_detection"] is None
     assert update["session"]["audio"]["output"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert update["session"]["audio"]["output"]["voice"] == "cedar"  # the same voice as calls
     assert item["item"]["content"] == [
         {"type": "input_text", "text": "Olá, quanto custa a consultoria?"}
     ]

@@ -28,6 +28,7 @@ from gateway.persona.composer import (
     estimate_tokens,
     greeting_instruction,
 )
+from gateway.settings import voice_problem
 
 __all__ = [
     "CHANNELS",
@@ -105,7 +106,7 @@ def load_persona(name: str | os.PathLike[str] = "endrigo", root: Path | None = N
         channels=_channel_field(chans, "instructions", None),
         greetings=_templates(meta, "greetings", GREETING_FIELDS),
         messages=_messages(meta),
-        voice=fields["voice"],
+        voice=_voice(fields["voice"], directory / "persona.toml"),
         language=fields["language"],
         say_voice=fields["say_voice"],
         channel_labels=_channel_field(chans, "label", None),
@@ -172,6 +173,13 @@ def _table(data: dict[str, Any], key: str, where: str = "persona.toml") -> dict[
     if not isinstance(table, dict):
         raise PersonaError(f"{where}: missing table [{key}]")
     return table
+
+
+def _voice(value: str, path: Path) -> str:
+    problem = voice_problem(value)
+    if problem:
+        raise PersonaError(f"{path}: voice {problem}")
+    return value
 
 
 def _text(table: dict[str, Any], key: str, where: str) -> str:

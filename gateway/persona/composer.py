@@ -43,7 +43,7 @@ class Persona:
     channels: dict[str, str]  # channel -> instructions
     greetings: dict[str, str]  # "known" ({name}) / "unknown" spoken opening lines
     messages: dict[str, str]  # fixed messages the gateway sends without the model
-    voice: str  # Realtime voice suggestion
+    voice: str  # Realtime voice, built-in or custom (voice_...); REALTIME_VOICE overrides it
     language: str  # BCP-47, e.g. for Twilio <Say language=...>
     say_voice: str  # Twilio <Say voice=...> for the fixed spoken messages
     channel_labels: dict[str, str]  # channel -> label used in the history lines
