@@ -6,8 +6,10 @@ so nothing accepted is lost when the process dies. On start the worker puts rows
 accepted but not answered before a crash is answered exactly once.
 
 The worker never polls: it sleeps until a webhook wakes it (an asyncio.Event) or until the
-earliest retry falls due. Messages of one person run one at a time, in the order received;
-different people run concurrently, up to `concurrency`.
+earliest retry falls due, or until a message ends (the next one of its person may now go).
+Messages of one person run one at a time, in the order received, and a message waiting for
+its retry holds back the later ones of its person; different people run concurrently, up to
+`concurrency`.
 """
 
 from __future__ import annotations
@@ -246,6 +248,7 @@ class InboundWorker:
             log.exception("whatsapp %s: could not record the outcome", message.message_sid)
         finally:
             self._slots.release()
+            self.wake()  # the person's next message, held back behind this one, may go
 
     async def _handle(self, message: InboundMessage) -> str:
         sid = message.message_sid

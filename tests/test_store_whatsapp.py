@@ -102,3 +102,21 @@ async def test_next_due_and_record_of_the_queue(store):
     assert (await store.next_inbound_due() - datetime.now(UTC)).total_seconds() > 25
     record = await store.inbound_record("SM1")
     assert (record.status, record.attempts, record.error) == ("pending", 1, "twilio 500")
+
+
+async def test_a_persons_later_message_waits_for_the_earlier_one_others_do_not(store):
+    ana = await accepted(store, "SM1")
+    assert await store.accept_inbound("SM2", ana, {"Body": "E mais uma coisa"})
+    bruno = await store.person_for("whatsapp:+5516999990002", name="Bruno")
+    assert await store.accept_inbound("SM3", bruno.id, {"Body": "Oi"})
+    assert (await store.claim_inbound()).message_sid == "SM1"
+    assert (await store.claim_inbound()).message_sid == "SM3"  # SM2 waits behind Ana's SM1
+    assert await store.claim_inbound() is None
+    await store.finish_inbound("SM1", error="twilio 503", retry_in_s=30)
+    assert await store.claim_inbound() is None  # SM1 pending its retry still holds SM2 back
+    await store.finish_inbound("SM3")
+    assert await store.claim_inbound() is None
+    await store.finish_inbound("SM1", error="twilio 503", retry_in_s=0)
+    assert (await store.claim_inbound()).message_sid == "SM1"  # its retry comes first
+    await store.finish_inbound("SM1")
+    assert (await store.claim_inbound()).message_sid == "SM2"

@@ -413,6 +413,22 @@ async def test_twilio_down_past_the_inline_retries_requeues_without_asking_the_m
     assert (record.status, record.attempts) == ("done", 2)
 
 
+async def test_a_message_waiting_for_its_retry_is_not_overtaken_by_the_next_one(wa):
+    wa.twilio.fail_next(503, count=len(SEND_RETRY_DELAYS_S) + 1)  # the first reply bounces
+    first = await wa.sender.send_text("Primeira pergunta")
+    async with asyncio.timeout(WAIT_S):
+        assert await wa.worker.wait_for(first.message_sid, ("retry",)) == "retry"
+    second = await wa.sender.send_text("Segunda pergunta")  # while the first waits
+    assert await wa.settled(second.message_sid) == "done"
+    assert await wa.settled(first.message_sid) == "done"
+    sent = await wa.replies(4)
+    first_sids = {o.message_sid for o in await wa.store.outbound_for(first.message_sid)}
+    second_sids = {o.message_sid for o in await wa.store.outbound_for(second.message_sid)}
+    # The person gets the answers in the order they asked: both of the first's, then the second's.
+    assert [m.sid in first_sids for m in sent] == [True, True, False, False]
+    assert {m.sid for m in sent[2:]} == second_sids
+
+
 # ---- crash and restart ------------------------------------------------------------------
 
 

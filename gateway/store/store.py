@@ -211,15 +211,23 @@ class Store(LifecycleQueries):
         return cur.rowcount == 1
 
     async def claim_inbound(self, stale_after_s: float = 300.0) -> InboundMessage | None:
-        """Claim the oldest ready message: pending and due, or processing for too long (a crash)."""
+        """Claim the oldest ready message: pending and due, or processing for too long (a crash).
+
+        A message waits while an earlier one of the same person is unfinished (in flight, or
+        pending a retry), so replies reach each person in the order they asked. Earlier means
+        accepted earlier (rowid), which also orders messages stored in one batch.
+        """
         now = datetime.now(UTC)
         stale = (now - timedelta(seconds=stale_after_s)).isoformat(timespec="milliseconds")
         stamp = now.isoformat(timespec="milliseconds")
         async with self._db.execute(
             "UPDATE inbound_messages SET status = 'processing', attempts = attempts + 1, "
-            "updated_at = ? WHERE message_sid = (SELECT message_sid FROM inbound_messages "
-            "WHERE (status = 'pending' AND next_try_at <= ?) "
-            "OR (status = 'processing' AND updated_at <= ?) ORDER BY received_at LIMIT 1) "
+            "updated_at = ? WHERE message_sid = (SELECT m.message_sid FROM inbound_messages m "
+            "WHERE ((m.status = 'pending' AND m.next_try_at <= ?) "
+            "OR (m.status = 'processing' AND m.updated_at <= ?)) "
+            "AND NOT EXISTS (SELECT 1 FROM inbound_messages e WHERE e.person_id = m.person_id "
+            "AND e.status IN ('pending', 'processing') AND e.rowid < m.rowid) "
+            "ORDER BY m.received_at, m.rowid LIMIT 1) "
             "RETURNING *",
             (stamp, stamp, stale),
         ) as cur:
