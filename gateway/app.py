@@ -27,13 +27,14 @@ def create_app(settings: Settings) -> web.Application:
     app[RUNTIME] = Runtime(
         settings, persona=load_persona(settings.persona), prices=_prices(settings)
     )
-    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx, _collector_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx])
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     calls.setup(app, settings.call_claim_timeout_s)
     whatsapp.setup(app)  # also serves the published voice notes (gateway.media)
     dashboard.setup(app)  # GET / behind ADMIN_TOKEN
     admin.setup(app)  # /admin/...: usage and LGPD export/erase, behind ADMIN_TOKEN
+    app.cleanup_ctx.append(_collector_ctx)  # after every setup() above has added its own
     return app
 
 

@@ -197,6 +197,10 @@ class _GcPauseTimer:
             self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)
 
 
+_GC_TIMER = _GcPauseTimer()
+_gc_users = 0  # apps serving in this process (tests run several): the collector is shared
+
+
 @contextmanager
 def collector_tuned() -> Iterator[None]:
     """Freeze what start-up allocated and time every collection, while serving.
@@ -204,17 +208,23 @@ def collector_tuned() -> Iterator[None]:
     Modules, SDK clients and the persona live as long as the process, yet each full
     collection walked all of them: ~160 000 objects, a 28 ms stall of every live call.
     Frozen, a full collection walks only what calls and messages allocated since.
+    The first app to start freezes and the last to stop unfreezes.
     """
-    gc.collect()
-    gc.freeze()
+    global _gc_users
+    _gc_users += 1
+    if _gc_users == 1:
+        gc.collect()
+        gc.freeze()
+        gc.callbacks.append(_GC_TIMER)
     GC_FROZEN.set(gc.get_freeze_count())
-    timer = _GcPauseTimer()
-    gc.callbacks.append(timer)
     try:
         yield
     finally:
-        gc.callbacks.remove(timer)
-        gc.unfreeze()
+        _gc_users -= 1
+        if _gc_users == 0:
+            gc.callbacks.remove(_GC_TIMER)
+            gc.unfreeze()
+            GC_FROZEN.set(0)
 
 
 async def metrics(request: web.Request) -> web.Response:

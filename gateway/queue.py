@@ -244,8 +244,9 @@ class InboundWorker:
             async with self._people.hold(message.person_id):
                 outcome = await self._handle(message)
             await self._settle(message.message_sid, outcome)
-        except Exception:  # the store itself failed; the row is released on the next start
+        except Exception:  # the store itself failed
             log.exception("whatsapp %s: could not record the outcome", message.message_sid)
+            await self._release(message)
         finally:
             self._slots.release()
             self.wake()  # the person's next message, held back behind this one, may go
@@ -283,6 +284,16 @@ class InboundWorker:
         await self.store.finish_inbound(sid, error=reason, retry_in_s=delay)
         self.wake()  # the claim loop may be sleeping past the new due time
         return "retry"
+
+    async def _release(self, message: InboundMessage) -> None:
+        """Best effort: back to pending, or the row stays 'processing' (and holds back the
+        person's later messages) until the next start or STALE_AFTER_S. A reply already
+        sent is not sent again: the handler resumes from what it recorded."""
+        delay = self.backoff.delay(message.attempts)
+        try:
+            await self.store.finish_inbound(message.message_sid, error="store", retry_in_s=delay)
+        except Exception as err:
+            log.error("whatsapp %s: still 'processing' (%s)", message.message_sid, err)
 
     async def _settle(self, message_sid: str, outcome: str) -> None:
         async with self._settled:

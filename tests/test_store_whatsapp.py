@@ -112,8 +112,10 @@ async def test_a_persons_later_message_waits_for_the_earlier_one_others_do_not(s
     assert (await store.claim_inbound()).message_sid == "SM1"
     assert (await store.claim_inbound()).message_sid == "SM3"  # SM2 waits behind Ana's SM1
     assert await store.claim_inbound() is None
+    assert await store.next_inbound_due() is None  # SM2 goes when SM1 ends, not by the clock
     await store.finish_inbound("SM1", error="twilio 503", retry_in_s=30)
     assert await store.claim_inbound() is None  # SM1 pending its retry still holds SM2 back
+    assert (await store.next_inbound_due() - datetime.now(UTC)).total_seconds() > 25  # SM1's
     await store.finish_inbound("SM3")
     assert await store.claim_inbound() is None
     await store.finish_inbound("SM1", error="twilio 503", retry_in_s=0)

@@ -14,6 +14,14 @@ import aiosqlite
 from gateway.store.lifecycle import LifecycleQueries
 from gateway.store.migrations import migrate
 
+# A queued message (alias m) waits while an earlier one of its person is unfinished, so
+# replies reach each person in the order they asked. Earlier means accepted earlier: the
+# rowid, which also orders the messages of one stored batch.
+_NOT_HELD_BACK = (
+    "NOT EXISTS (SELECT 1 FROM inbound_messages e WHERE e.person_id = m.person_id "
+    "AND e.status IN ('pending', 'processing') AND e.rowid < m.rowid)"
+)
+
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -211,12 +219,8 @@ class Store(LifecycleQueries):
         return cur.rowcount == 1
 
     async def claim_inbound(self, stale_after_s: float = 300.0) -> InboundMessage | None:
-        """Claim the oldest ready message: pending and due, or processing for too long (a crash).
-
-        A message waits while an earlier one of the same person is unfinished (in flight, or
-        pending a retry), so replies reach each person in the order they asked. Earlier means
-        accepted earlier (rowid), which also orders messages stored in one batch.
-        """
+        """Claim the oldest ready message: pending and due, or processing for too long (a crash);
+        never one held back behind an earlier unfinished message of its person."""
         now = datetime.now(UTC)
         stale = (now - timedelta(seconds=stale_after_s)).isoformat(timespec="milliseconds")
         stamp = now.isoformat(timespec="milliseconds")
@@ -224,9 +228,7 @@ class Store(LifecycleQueries):
             "UPDATE inbound_messages SET status = 'processing', attempts = attempts + 1, "
             "updated_at = ? WHERE message_sid = (SELECT m.message_sid FROM inbound_messages m "
             "WHERE ((m.status = 'pending' AND m.next_try_at <= ?) "
-            "OR (m.status = 'processing' AND m.updated_at <= ?)) "
-            "AND NOT EXISTS (SELECT 1 FROM inbound_messages e WHERE e.person_id = m.person_id "
-            "AND e.status IN ('pending', 'processing') AND e.rowid < m.rowid) "
+            f"OR (m.status = 'processing' AND m.updated_at <= ?)) AND {_NOT_HELD_BACK} "
             "ORDER BY m.received_at, m.rowid LIMIT 1) "
             "RETURNING *",
             (stamp, stamp, stale),
@@ -364,9 +366,14 @@ class Store(LifecycleQueries):
         return known
 
     async def next_inbound_due(self) -> datetime | None:
-        """When the earliest pending message becomes claimable (None: nothing pending)."""
+        """When the earliest pending message becomes claimable (None: nothing pending).
+
+        Messages held back behind an earlier one of their person do not count: they become
+        claimable when that one ends, and the worker is woken then.
+        """
         async with self._db.execute(
-            "SELECT MIN(next_try_at) FROM inbound_messages WHERE status = 'pending'"
+            "SELECT MIN(m.next_try_at) FROM inbound_messages m "
+            f"WHERE m.status = 'pending' AND {_NOT_HELD_BACK}"
         ) as cur:
             (due,) = await cur.fetchone()
         return datetime.fromisoformat(due) if due else None
