@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway import admin, calls, dashboard, whatsapp
 from gateway.health import health
-from gateway.observability import collector_tuned, metrics
+from gateway.observability import collector_tuned, loop_lag_watched, metrics
 from gateway.persona import load_persona
 from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
 from gateway.settings import Settings, SettingsError
@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> web.Application:
     whatsapp.setup(app)  # also serves the published voice notes (gateway.media)
     dashboard.setup(app)  # GET / behind ADMIN_TOKEN
     admin.setup(app)  # /admin/...: usage and LGPD export/erase, behind ADMIN_TOKEN
-    app.cleanup_ctx.append(_collector_ctx)  # after every setup() above has added its own
+    app.cleanup_ctx.append(_process_ctx)  # after every setup() above has added its own
     return app
 
 
@@ -113,9 +113,10 @@ async def _summaries_ctx(app: web.Application) -> AsyncIterator[None]:
     await rt.summarizer.stop()
 
 
-async def _collector_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _process_ctx(app: web.Application) -> AsyncIterator[None]:
     with collector_tuned():  # last: everything opened above is frozen with the modules
-        yield
+        async with loop_lag_watched():
+            yield
 
 
 def _announce_sandbox(rt: Runtime) -> None:

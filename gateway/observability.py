@@ -10,13 +10,14 @@ Metrics: one prometheus-client registry per process, served at GET /metrics.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import gc
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import orjson
@@ -163,6 +164,13 @@ GC_FROZEN = Gauge(
     registry=REGISTRY,
 )
 
+LOOP_LAG = Histogram(
+    "gateway_event_loop_lag_seconds",
+    "How late a 10 ms timer fires: how long any frame may wait for the busy event loop",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)
+
 FRAME_SAMPLE_EVERY = 16  # a histogram observe per frame would cost more than the relay itself
 
 
@@ -225,6 +233,31 @@ def collector_tuned() -> Iterator[None]:
             gc.callbacks.remove(_GC_TIMER)
             gc.unfreeze()
             GC_FROZEN.set(0)
+
+
+LOOP_LAG_PERIOD_S = 0.010
+
+
+@asynccontextmanager
+async def loop_lag_watched() -> AsyncIterator[None]:
+    """Time a 10 ms timer for as long as the app serves, into LOOP_LAG.
+
+    perf_counter, not loop.time(): uvloop's clock has a 1 ms step.
+    """
+
+    async def watch() -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(LOOP_LAG_PERIOD_S)
+            LOOP_LAG.observe(max(0.0, time.perf_counter() - before - LOOP_LAG_PERIOD_S))
+
+    task = asyncio.create_task(watch(), name="loop-lag")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -998,6 +998,7 @@ class CallsReport:
     gateway_view_ms: Summary | None
     gateway_forwarding: dict[str, BucketSummary]  # its /metrics, per direction
     gateway_gc_pauses: dict[str, BucketSummary]  # its /metrics, per collector generation
+    gateway_loop_lag: BucketSummary | None  # its /metrics: how late a 10 ms timer fired
     frames: FramesReport
     generator: GeneratorReport
     gateway_process: ProcessReport | None = None
@@ -1045,6 +1046,7 @@ def calls_report(cfg: LoadConfig, batch: CallBatch, progress: Progress) -> Calls
         gateway_view_ms=None,
         gateway_forwarding={},
         gateway_gc_pauses={},
+        gateway_loop_lag=None,
         frames=frames_report(results),
         generator=generator_report(batch),
     )
@@ -1091,7 +1093,11 @@ def gateway_view(db_path: Path, since_id: int, silence_ms: int) -> Summary:
 
 
 # The gateway's own histograms read from its /metrics, and the label that splits each.
-SCRAPED = {"gateway_frame_forward_seconds": "direction", "gateway_gc_pause_seconds": "generation"}
+SCRAPED = {
+    "gateway_frame_forward_seconds": "direction",
+    "gateway_gc_pause_seconds": "generation",
+    "gateway_event_loop_lag_seconds": "",  # one series, no label
+}
 
 Buckets = dict[str, dict[float, float]]  # label value -> upper bound (s) -> cumulative count
 
@@ -1113,9 +1119,10 @@ async def scrape_histograms(gateway_url: str) -> dict[str, Buckets]:
     found: dict[str, Buckets] = {}
     for family in text_string_to_metric_families(text):
         label = SCRAPED.get(family.name)
-        for sample in family.samples if label else ():
+        for sample in family.samples if label is not None else ():
             if sample.name == f"{family.name}_bucket":
-                series = found.setdefault(family.name, {}).setdefault(sample.labels[label], {})
+                value = sample.labels.get(label, "")
+                series = found.setdefault(family.name, {}).setdefault(value, {})
                 series[float(sample.labels["le"])] = sample.value
     return found
 
@@ -1252,7 +1259,7 @@ async def _measure_calls(cfg: LoadConfig, stack: Stack, show_progress: bool) -> 
     seen = await watches.finish(cfg.calls, progress.peak_live, call_seconds, batch.cpu_s)
     report.gateway_process, report.simulator_process = seen.gateway, seen.simulator
     report.machine, report.gateway_forwarding = seen.machine, seen.forwarding
-    report.gateway_gc_pauses = seen.gc_pauses
+    report.gateway_gc_pauses, report.gateway_loop_lag = seen.gc_pauses, seen.loop_lag
     if stack.db_path is not None:
         await asyncio.sleep(0.5)  # the last turns are written in the background
         with contextlib.suppress(sqlite3.Error):  # another schema: no view, not a failure
@@ -1295,10 +1302,10 @@ class Watches:
         if machine.wall_s:
             machine.other_cores = round(machine.cores_busy - ours / machine.wall_s, 2)
         before = self.histograms_before
-        forwarding, gc_pauses = (
+        forwarding, gc_pauses, loop_lag = (
             histogram_report(before.get(name), histograms.get(name)) for name in SCRAPED
         )
-        return Observed(*processes, machine, forwarding, gc_pauses)
+        return Observed(*processes, machine, forwarding, gc_pauses, loop_lag.get(""))
 
 
 @dataclass
@@ -1308,6 +1315,7 @@ class Observed:
     machine: MachineReport
     forwarding: dict[str, BucketSummary]
     gc_pauses: dict[str, BucketSummary]
+    loop_lag: BucketSummary | None
 
 
 # ---- spawning the gateway and the simulators -------------------------------------------
@@ -1511,6 +1519,12 @@ def _calls_text(c: CallsReport) -> list[str]:
             for gen, b in c.gateway_gc_pauses.items()
         )
         lines.append(f"  gateway's garbage-collector pauses (its /metrics): {pauses}")
+    if (lag := c.gateway_loop_lag) is not None and lag.n:
+        lines.append(
+            f"  gateway's event-loop lag, a 10 ms timer (its /metrics): n {lag.n}, "
+            f"p50 <= {_le_text(lag.p50_le_ms)}, p99 <= {_le_text(lag.p99_le_ms)}, "
+            f"max <= {_le_text(lag.max_le_ms)}"
+        )
     f, g = c.frames, c.generator
     lines.append(
         f"reply audio: {f.reply_frames} frames in {f.reply_messages} media messages; "
