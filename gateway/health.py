@@ -23,7 +23,11 @@ def health_report(rt: Runtime, store_ok: bool) -> dict[str, Any]:
         "version": __version__,
         "uptime_s": round(rt.uptime_s, 3),
         "store": {"reachable": store_ok},
-        "realtime": {"backend": rt.realtime_backend, "model": rt.settings.realtime_model},
+        "realtime": {
+            "backend": rt.realtime_backend,
+            "model": rt.settings.realtime_model,
+            "voice": rt.voice,
+        },
         "twilio": {
             "configured": not rt.settings.sandbox_twilio,
             "backend": rt.twilio_backend,

@@ -299,3 +299,4 @@ async def test_a_person_sees_the_call_transcript_and_percentiles_in_chromium(gat
     )
     assert p50 is not None and int(p50[1]) > 0
     assert "<rect" in visible  # the histogram was drawn
+    assert "openai · gpt-realtime-2.1 · cedar" in visible  # which engine and voice speak

@@ -18,6 +18,7 @@ async def test_health_with_credentials_reports_real_backends_and_no_simulator(ga
     assert status == 200
     assert body["status"] == "ok" and body["store"]["reachable"] is True
     assert body["realtime"]["backend"] == "openai"
+    assert body["realtime"]["voice"] == "cedar"  # the persona's, with REALTIME_VOICE unset
     assert body["twilio"] == {"configured": True, "backend": "twilio"}
     assert body["sandbox"] is False and body["version"]
     assert gateway.runtime.realtime_sim is None and gateway.runtime.twilio_sim is None

@@ -177,7 +177,7 @@ ol.transcript .meta { color: var(--muted); font-size: 12px; margin-left: 6px; }
       card("Estado", ok ? "ok" : "degradado", ok ? "good" : "bad"),
       card("Banco de dados", hh.store.reachable ? "acessível" : "inacessível",
         hh.store.reachable ? "good" : "bad"),
-      card("Realtime", `${hh.realtime.backend} · ${hh.realtime.model}`),
+      card("Realtime", `${hh.realtime.backend} · ${hh.realtime.model} · ${hh.realtime.voice}`),
       card("Twilio", hh.twilio.backend),
       card("No ar há", clock(hh.uptime_s)),
       card("Versão", hh.sandbox ? [hh.version, " ", h("span", { class: "badge" }, "sandbox")]
