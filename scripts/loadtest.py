@@ -1018,7 +1018,6 @@ class Target:
 class Report:
     config: dict[str, Any]
     setup: list[str] = field(default_factory=list)  # how the processes were arranged
-    box_reference_ms: float | None = None  # CPU time of a fixed piece of work: the box's speed
     warmup_greeting_ms: list[float] = field(default_factory=list)
     calls: CallsReport | None = None
     whatsapp: WhatsAppReport | None = None
@@ -1695,38 +1694,9 @@ async def _main(args: argparse.Namespace) -> Report:
         await exits.enter_async_context(
             profiled(stack.gateway_pid, args.profile, args.profile_native)
         )
-        reference_ms = box_reference_ms()  # after the spawn's start-up, before the load
         report = await run_load(cfg, stack, show_progress=not args.no_progress)
     report.setup = _setup_notes(args)
-    report.box_reference_ms = reference_ms
-    report.setup.append(
-        f"box speed: reference work took {reference_ms:.1f} ms of CPU (lower is faster)"
-    )
     return report
-
-
-def box_reference_ms(frames: int = 20_000, rounds: int = 3) -> float:
-    """CPU ms for a fixed piece of per-frame relay work: the box's speed at this moment.
-
-    A shared host can run the same code 30-40 % slower at one hour than at another, and
-    every figure of a run moves with it; this makes runs comparable across time.
-    """
-    import binascii
-
-    import orjson
-
-    payload = binascii.b2a_base64(bytes(range(160)), newline=False).decode()
-    message = orjson.dumps({"event": "media", "media": {"payload": payload, "chunk": "1"}})
-    best = math.inf
-    for _ in range(rounds):
-        started = time.process_time()
-        for _ in range(frames):
-            media = orjson.loads(message)["media"]
-            audio = binascii.a2b_base64(media["payload"])
-            orjson.dumps({"type": "input_audio_buffer.append", "audio": media["payload"]})
-            bytes(audio)
-        best = min(best, time.process_time() - started)
-    return round(best * 1000, 1)
 
 
 def _code_version() -> str:
