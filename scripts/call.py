@@ -22,7 +22,6 @@ from gateway.sim import caller
 
 def main() -> None:
     port = os.environ.get("PORT", "8080")
-    os.environ.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     if not os.environ.get("TWILIO_AUTH_TOKEN"):
         os.environ["TWILIO_AUTH_TOKEN"] = SANDBOX_AUTH_TOKEN
         os.environ["TWILIO_ACCOUNT_SID"] = SANDBOX_ACCOUNT_SID

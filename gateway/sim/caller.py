@@ -594,7 +594,11 @@ class SimulatedCaller:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Place one simulated call against a gateway.")
     parser.add_argument("--gateway", default="http://127.0.0.1:8080")
-    parser.add_argument("--public-base-url", default=os.environ.get("PUBLIC_BASE_URL"))
+    parser.add_argument(
+        "--public-base-url",
+        default=os.environ.get("PUBLIC_BASE_URL"),
+        help="the origin the gateway validates signatures against (default: --gateway)",
+    )
     parser.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN"))
     parser.add_argument(
         "--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32)
@@ -604,8 +608,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speech-ms", type=int, default=1500)
     parser.add_argument("--reply-timeout", type=float, default=15.0)
     args = parser.parse_args(argv)
-    if not args.public_base_url or not args.auth_token:
-        parser.error("PUBLIC_BASE_URL and TWILIO_AUTH_TOKEN are required (env or arguments)")
+    args.public_base_url = args.public_base_url or args.gateway
+    if not args.auth_token:
+        parser.error("TWILIO_AUTH_TOKEN is required (env or --auth-token)")
     asyncio.run(_call(args))
 
 
@@ -620,7 +625,7 @@ async def _call(args: argparse.Namespace) -> None:
         print(f"dial: HTTP {dialed.status} in {ms:.0f} ms, stream {dialed.stream_url}")
         if dialed.stream_url is None:
             print(dialed.body)
-            return
+            raise SystemExit(1)
         await caller.connect()
         await caller.wait_until(lambda: caller.first_reply_at is not None, args.reply_timeout)
         greeting_ms = (caller.first_reply_at - caller.started_at) * 1000  # type: ignore[operator]
@@ -643,6 +648,8 @@ async def _call(args: argparse.Namespace) -> None:
               f"messages, {len(caller.violations)} protocol violations")  # fmt: skip
         for violation in caller.violations[:10]:
             print(f"  {violation.code} {violation.reason}: {violation.raw}")
+        if caller.violations:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":
