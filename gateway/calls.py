@@ -106,7 +106,11 @@ class LiveCall:
             await self.session.send(
                 {
                     "type": "response.create",
-                    "response": {"instructions": f"{instructions}\n\n{greeting}"},
+                    "response": {
+                        "instructions": f"{instructions}\n\n{greeting}",
+                        # Names the call in OpenAI's records of the session, for support.
+                        "metadata": {"call_sid": self.call_sid},
+                    },
                 }
             )
         except Exception:

@@ -266,11 +266,14 @@ class TurnResult:
     latency_ms: float
     share_ms: float | None
     naive_share_ms: float
+    stop_at: float | None = None  # monotonic s: the VAD's stop frame sent
+    reply_at: float | None = None  # monotonic s: the first reply frame received
 
 
 @dataclass
 class CallResult:
     index: int
+    call_sid: str = ""
     error: str | None = None
     error_kind: str | None = None  # "phase: ExceptionType", for counting
     phase: str = "start"
@@ -306,7 +309,7 @@ def turn_result(cfg: LoadConfig, caller: MeasuredCaller, turn: Turn) -> TurnResu
     if stop_at is not None:
         share = (turn.first_reply_at - stop_at) * 1000 - cfg.first_audio_ms
     naive = latency_ms - cfg.vad_silence_ms - cfg.first_audio_ms
-    return TurnResult(latency_ms, share, naive)
+    return TurnResult(latency_ms, share, naive, stop_at, turn.first_reply_at)
 
 
 def collect_frames(caller: MeasuredCaller, result: CallResult) -> None:
@@ -375,7 +378,7 @@ async def run_call(
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, start_at - loop.time()))
     caller = new_caller(cfg, index)
-    result = CallResult(index)
+    result = CallResult(index, caller.call_sid)
     try:
         async with caller, asyncio.timeout_at(deadline):
             await _converse(cfg, caller, result, progress)
@@ -996,6 +999,8 @@ class CallsReport:
     gateway_share_ms: Summary
     gateway_share_naive_ms: Summary
     gateway_view_ms: Summary | None
+    gateway_share_sim_ms: Summary | None  # share with the simulator's measured latency, not F
+    simulator_overshoot_ms: Summary | None  # the simulator's own latency - F
     gateway_forwarding: dict[str, BucketSummary]  # its /metrics, per direction
     gateway_gc_pauses: dict[str, BucketSummary]  # its /metrics, per collector generation
     gateway_loop_lag: BucketSummary | None  # its /metrics: how late a 10 ms timer fired
@@ -1043,6 +1048,8 @@ def calls_report(cfg: LoadConfig, batch: CallBatch, progress: Progress) -> Calls
         gateway_share_ms=Summary.of(t.share_ms for t in turns),
         gateway_share_naive_ms=Summary.of(t.naive_share_ms for t in turns),
         gateway_view_ms=None,
+        gateway_share_sim_ms=None,
+        simulator_overshoot_ms=None,
         gateway_forwarding={},
         gateway_gc_pauses={},
         gateway_loop_lag=None,
@@ -1203,6 +1210,7 @@ class Stack:
     twilio: TwilioView | None = None
     db_path: Path | None = None
     simulator_pid: int | None = None  # the Realtime simulator, when spawned
+    simulator_url: str | None = None  # its origin, for its own timings (GET /sim/timings)
 
 
 async def warm_up(cfg: LoadConfig) -> list[float]:
@@ -1263,7 +1271,60 @@ async def _measure_calls(cfg: LoadConfig, stack: Stack, show_progress: bool) -> 
         await asyncio.sleep(0.5)  # the last turns are written in the background
         with contextlib.suppress(sqlite3.Error):  # another schema: no view, not a failure
             report.gateway_view_ms = gateway_view(stack.db_path, first_turn, cfg.vad_silence_ms)
+    if stack.simulator_url is not None:
+        sessions = await fetch_sim_timings(stack.simulator_url)
+        exact, overshoot = share_with_sim_measured(batch.results, sessions, cfg.first_audio_ms)
+        report.gateway_share_sim_ms, report.simulator_overshoot_ms = exact, overshoot
     return report
+
+
+async def fetch_sim_timings(simulator_url: str) -> list[dict[str, Any]]:
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{simulator_url}/sim/timings") as response,
+        ):
+            return await response.json() if response.status == 200 else []
+    except aiohttp.ClientError:
+        return []
+
+
+def share_with_sim_measured(
+    results: list[CallResult], sessions: list[dict[str, Any]], first_audio_ms: float
+) -> tuple[Summary, Summary]:
+    """The share with the simulator's own latency subtracted instead of F, per turn.
+
+    The simulator dates each response on the clock this process shares: created when its
+    VAD took the stop frame, first audio when it handed the first delta to its socket.
+    What that takes beyond F (timer slack, its queue) is its own, not the gateway's. The
+    sessions are matched to calls by the call_sid the gateway puts in the greeting's
+    metadata, and a turn to the first response created after its stop frame left.
+    Turns without a match (no metadata, a session swapped mid-call) are left out.
+    """
+    by_call: dict[str, list[tuple[float, float]]] = {}
+    for session in sessions:
+        call_sid = session.get("metadata", {}).get("call_sid")
+        timed = [(r["created_at"], r["first_audio_at"]) for r in session["responses"]
+                 if r["first_audio_at"] is not None]  # fmt: skip
+        if call_sid:
+            by_call.setdefault(call_sid, []).extend(sorted(timed))
+    shares, overshoots = [], []
+    for result in results:
+        for turn in result.turns:
+            if turn.stop_at is None or turn.reply_at is None:
+                continue
+            created, first_audio = next(
+                # The caller dates a frame once its send returned; the simulator may have
+                # taken it a moment before that.
+                (t for t in by_call.get(result.call_sid, []) if t[0] >= turn.stop_at - 0.005),
+                (None, None),
+            )
+            if created is None or first_audio is None or first_audio > turn.reply_at:
+                continue
+            own_ms = (first_audio - created) * 1000
+            shares.append((turn.reply_at - turn.stop_at) * 1000 - own_ms)
+            overshoots.append(own_ms - first_audio_ms)
+    return Summary.of(shares), Summary.of(overshoots)
 
 
 @dataclass
@@ -1401,7 +1462,8 @@ async def spawned_stack(cfg: LoadConfig, options: SpawnOptions) -> AsyncIterator
             os.sched_setaffinity(procs[-1].pid, {0})
         await _wait_ready(f"{cfg.gateway_url}/health", procs[-1], gw_log)
         print(f"spawned: gateway pid {procs[-1].pid}, logs in {workdir}", file=sys.stderr)
-        yield Stack(procs[-1].pid, LocalTwilio(twilio), db_path, procs[0].pid)
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        yield Stack(procs[-1].pid, LocalTwilio(twilio), db_path, procs[0].pid, sim_url)
     finally:
         for proc in reversed(procs):
             await _stop_process(proc)
@@ -1504,6 +1566,8 @@ def _calls_text(c: CallsReport) -> list[str]:
         _row("gateway share: reply - stop frame - F", c.gateway_share_ms),
         _row("gateway share, naive: latency - S - F", c.gateway_share_naive_ms),
         _row("gateway's view: its turns table - S", c.gateway_view_ms),
+        _row("share with the simulator's own latency", c.gateway_share_sim_ms),
+        _row("  the simulator's own latency - F", c.simulator_overshoot_ms),
         "  (share: the stop frame is the ceil(S / 20 ms)-th frame after the last voiced one;",
         "   its arrival ends the VAD's silence window. See --help for every definition.)",
     ]

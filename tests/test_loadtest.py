@@ -44,7 +44,9 @@ def sim_config() -> RealtimeSimConfig:
     )
 
 
-async def test_three_calls_of_one_turn_give_a_complete_sane_report(start_gateway, live_env):
+async def test_three_calls_of_one_turn_give_a_complete_sane_report(
+    start_gateway, live_env, realtime_sim
+):
     gateway = await start_gateway(live_env)
     cfg = loadtest.LoadConfig(
         gateway_url=gateway.url,
@@ -59,7 +61,8 @@ async def test_three_calls_of_one_turn_give_a_complete_sane_report(start_gateway
         warmup=0,
     )
     # The gateway runs in this process, so its /proc figures include the callers: only shape.
-    stack = loadtest.Stack(gateway_pid=os.getpid())
+    simulator = realtime_sim.base_url.removesuffix("/v1")
+    stack = loadtest.Stack(gateway_pid=os.getpid(), simulator_url=simulator)
     report = await loadtest.run_load(cfg, stack)
 
     calls = report.calls
@@ -75,6 +78,10 @@ async def test_three_calls_of_one_turn_give_a_complete_sane_report(start_gateway
     assert calls.dial_ms.n == 3
     assert calls.greeting_ms.p50 <= calls.greeting_ms.p95 <= calls.greeting_ms.p99
     assert calls.gateway_view_ms is None  # no --db given
+    # Each turn found its response in the simulator's own timings (by the greeting's call_sid).
+    assert calls.gateway_share_sim_ms.n == 3 and calls.simulator_overshoot_ms.n == 3
+    assert calls.simulator_overshoot_ms.p50 > -1  # its first audio never comes before F
+    assert calls.gateway_share_sim_ms.p50 <= calls.gateway_share_ms.p50 + 1
     # Read from the gateway's /metrics: its own forwarding time and collector pauses.
     assert set(calls.gateway_forwarding) == {"inbound", "outbound"}
     assert calls.gateway_forwarding["inbound"].n >= 1

@@ -696,6 +696,14 @@ class SimSession:
 
     # -- waiting helpers for tests --
 
+    def timings(self) -> dict[str, Any]:
+        """When each response was created (for VAD: the stop frame's arrival) and sent its
+        first audio, and the first metadata a client gave a response (who the session is)."""
+        tags = next((r.metadata for r in self.responses if r.metadata), None)
+        responses = [{"created_at": r.created_at, "first_audio_at": r.first_audio_at}
+                     for r in self.responses]  # fmt: skip
+        return {"session_id": self.id, "metadata": tags or {}, "responses": responses}
+
     def _notify(self) -> None:
         if self._changed is not None:
             self._changed.set()
@@ -1471,6 +1479,7 @@ class RealtimeSimulator:
         # The sibling text API the summarizer uses, on the same base URL as the real one.
         self.responses = ResponsesSimulator()
         self.responses.attach(self.app)
+        self.app.router.add_get("/sim/timings", self._timings)  # ours, not an OpenAI route
         self.port: int | None = None
         self.host = "127.0.0.1"
         self._runner: web.AppRunner | None = None
@@ -1488,6 +1497,12 @@ class RealtimeSimulator:
         """Mount the Realtime route on `app` (other simulators may add their own routes)."""
         app.router.add_get(f"{prefix}/realtime", self.handle)
         app.on_shutdown.append(self._on_shutdown)
+
+    async def _timings(self, request: web.Request) -> web.Response:
+        """Each session's responses on the simulator's own clock (time.monotonic, which the
+        processes of one machine share), so a load test can subtract the simulator's real
+        latency from what it measured. A session is named by a response's metadata."""
+        return web.json_response([session.timings() for session in self.sessions])
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> RealtimeSimulator:
         await asyncio.to_thread(warm_audio_cache)
