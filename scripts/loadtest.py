@@ -1678,6 +1678,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID", SANDBOX_ACCOUNT_SID))
     p.add_argument("--gateway-pid", type=int, help="for CPU and RSS of a running gateway")
     p.add_argument("--simulator-pid", type=int, help="a running Realtime simulator's pid")
+    p.add_argument("--simulator-url", help="a running Realtime simulator's origin (its timings)")
     p.add_argument("--db", type=Path, help="the running gateway's SQLite file (its own view)")
     p.add_argument("--twilio-sim", help="a running Twilio simulator's URL (WhatsApp replies)")
     p.add_argument("--spawn", action="store_true", help="start gateway + simulators here")
@@ -1754,7 +1755,7 @@ async def _main(args: argparse.Namespace) -> Report:
             if args.twilio_sim:
                 session = await exits.enter_async_context(aiohttp.ClientSession())
                 twilio = RemoteTwilio(args.twilio_sim, session)
-            stack = Stack(args.gateway_pid, twilio, args.db, args.simulator_pid)
+            stack = Stack(args.gateway_pid, twilio, args.db, args.simulator_pid, args.simulator_url)
         await exits.enter_async_context(
             profiled(stack.gateway_pid, args.profile, args.profile_native)
         )
