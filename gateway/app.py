@@ -115,7 +115,7 @@ async def _summaries_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _process_ctx(app: web.Application) -> AsyncIterator[None]:
     with collector_tuned():  # last: everything opened above is frozen with the modules
-        async with loop_lag_watched():
+        async with loop_lag_watched(lambda: bool(app[calls.REGISTRY].live)):
             yield
 
 
