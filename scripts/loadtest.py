@@ -1003,7 +1003,7 @@ class CallsReport:
     simulator_overshoot_ms: Summary | None  # the simulator's own latency - F
     gateway_forwarding: dict[str, BucketSummary]  # its /metrics, per direction
     gateway_gc_pauses: dict[str, BucketSummary]  # its /metrics, per collector generation
-    gateway_loop_lag: BucketSummary | None  # its /metrics: how late a 10 ms timer fired
+    gateway_loop_lag: BucketSummary | None  # its /metrics: how late a 50 ms timer fired
     frames: FramesReport
     generator: GeneratorReport
     gateway_process: ProcessReport | None = None
@@ -1584,7 +1584,7 @@ def _calls_text(c: CallsReport) -> list[str]:
         lines.append(f"  gateway's garbage-collector pauses (its /metrics): {pauses}")
     if (lag := c.gateway_loop_lag) is not None and lag.n:
         lines.append(
-            f"  gateway's event-loop lag, a 10 ms timer (its /metrics): n {lag.n}, "
+            f"  gateway's event-loop lag, a 50 ms timer (its /metrics): n {lag.n}, "
             f"p50 <= {_le_text(lag.p50_le_ms)}, p99 <= {_le_text(lag.p99_le_ms)}, "
             f"max <= {_le_text(lag.max_le_ms)}"
         )

@@ -86,7 +86,7 @@ async def test_three_calls_of_one_turn_give_a_complete_sane_report(
     assert set(calls.gateway_forwarding) == {"inbound", "outbound"}
     assert calls.gateway_forwarding["inbound"].n >= 1
     assert set(calls.gateway_gc_pauses) == {"0", "1", "2"}
-    assert calls.gateway_loop_lag is not None and calls.gateway_loop_lag.n >= 10  # 100 per s
+    assert calls.gateway_loop_lag is not None and calls.gateway_loop_lag.n >= 10  # 20 a second
     frames = calls.frames
     assert frames.reply_frames > 0
     assert (frames.violations, frames.odd_size_frames, frames.underruns) == (0, 0, 0)

@@ -63,7 +63,7 @@ async def test_metrics_count_calls_latency_and_rejected_signatures(gateway, real
     assert delta("gateway_frame_forward_seconds_count{direction=inbound}") >= 1
     assert delta("gateway_frame_forward_seconds_count{direction=outbound}") >= 1
     assert delta("gateway_turns_total{channel=call,role=assistant}") >= 2
-    assert delta("gateway_event_loop_lag_seconds_count{}") >= 50  # 100 a second during a call
+    assert delta("gateway_event_loop_lag_seconds_count{}") >= 10  # 20 a second during a call
 
 
 def test_json_log_lines_carry_the_correlation_id():
