@@ -694,7 +694,7 @@ class SimSession:
     def sent_types(self) -> list[str]:
         return [t.event["type"] for t in self.sent]
 
-    # -- waiting helpers for tests --
+    # -- measurement --
 
     def timings(self) -> dict[str, Any]:
         """When each response was created (for VAD: the stop frame's arrival) and sent its
@@ -703,6 +703,8 @@ class SimSession:
         responses = [{"created_at": r.created_at, "first_audio_at": r.first_audio_at}
                      for r in self.responses]  # fmt: skip
         return {"session_id": self.id, "metadata": tags or {}, "responses": responses}
+
+    # -- waiting helpers for tests --
 
     def _notify(self) -> None:
         if self._changed is not None:
