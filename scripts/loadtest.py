@@ -1766,19 +1766,15 @@ async def _main(args: argparse.Namespace) -> Report:
 
 def _code_version() -> str:
     """The commit measured, and whether the gateway's code differed from it."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        run.check_returncode()
+        return run.stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "gateway"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "gateway")
     except (OSError, subprocess.CalledProcessError):
         return "code: unknown (no git)"
     return f"code: {head}" + (" with uncommitted changes in gateway/" if dirty else "")
