@@ -39,6 +39,7 @@ def main() -> None:
         loop=new_event_loop(),
         print=None,
         access_log=None,
+        shutdown_timeout=2.0,  # calls and WhatsApp are already stopped, each bounded
     )
 
 

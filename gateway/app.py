@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -35,7 +36,14 @@ def create_app(settings: Settings) -> web.Application:
     dashboard.setup(app)  # GET / behind ADMIN_TOKEN
     admin.setup(app)  # /admin/...: usage and LGPD export/erase, behind ADMIN_TOKEN
     app.cleanup_ctx.append(_process_ctx)  # after every setup() above has added its own
+    app.on_shutdown.append(_stop_channels)
     return app
+
+
+async def _stop_channels(app: web.Application) -> None:
+    """SIGTERM: live calls and WhatsApp stop together, each bounded, so the gateway exits in
+    seconds even when the upstream does not answer."""
+    await asyncio.gather(app[calls.REGISTRY].close_all(), app[whatsapp.WHATSAPP].stop())
 
 
 def _prices(settings: Settings) -> dict[str, Prices]:
@@ -83,8 +91,10 @@ async def _clients_ctx(app: web.Application) -> AsyncIterator[None]:
     import websockets.asyncio.client  # noqa: F401
     from openai import AsyncOpenAI
 
+    from gateway.bridge import check_sdk_socket
     from gateway.twilio_api import close_rest_client, make_rest_client
 
+    check_sdk_socket()
     rt = app[RUNTIME]
     api_key = rt.settings.openai_api_key or SANDBOX_OPENAI_KEY
     rt.openai = AsyncOpenAI(api_key=api_key, base_url=rt.openai_base_url)

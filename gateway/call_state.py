@@ -2,8 +2,18 @@
 
 Twilio Media Streams on one side (mu-law 8 kHz frames, marks, clear), the Realtime API
 on the other (`audio/pcmu` both ways, so payloads pass through untouched). The handler
-in `calls.py` only moves messages; everything that decides lives here, driven by an
-explicit clock so tests run without sockets or sleeps.
+in `calls.py` only moves messages and carries out actions; everything that decides lives
+here, driven by an explicit clock so tests run without sockets or sleeps.
+
+A call has an explicit phase, in the manner of h11's `Connection`:
+
+    WAITING_FOR_START -> STREAMING -> ENDING -> ENDED
+
+and its upstream has its own (OPENING -> LIVE -> RECONNECTING -> LIVE ... -> GONE). Every
+field read from either side is checked: a bad value is a `ProtocolError` action the call
+survives (or, where nothing sensible can go on, a clean end); no exception leaves the core.
+Clock-driven decisions (session rotation before the 60-minute cap, the stall watchdog, the
+reconnect backoff, the bounded wait for the last transcripts at the end) come out as actions.
 
 Each delta's whole 160-byte frames go out as one Twilio `media` message followed by one
 `mark`. Twilio echoes a mark when the audio before it has played, and plays at exactly
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import binascii
 import bisect
+import enum
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from gateway.bridge import LinkPolicy
 from gateway.transcode import FRAME_BYTES, MULAW_BYTES_PER_MS, FrameChunker
 
 log = logging.getLogger(__name__)
@@ -32,6 +44,24 @@ log = logging.getLogger(__name__)
 BENIGN_ERRORS = frozenset(
     {"response_cancel_not_active", "conversation_already_has_active_response"}
 )
+TRANSCRIPT_GRACE_S = 1.5  # at the end, how long the caller's last words may take to arrive
+ROTATION_RETRY_S = 30.0
+MAX_PRE_START_BYTES = 30_000 * MULAW_BYTES_PER_MS  # greeting audio held until Twilio's start
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+
+class Phase(enum.Enum):
+    WAITING_FOR_START = "waiting_for_start"
+    STREAMING = "streaming"
+    ENDING = "ending"  # the phone is closed; the caller's last transcript may still come
+    ENDED = "ended"
+
+
+class Upstream(enum.Enum):
+    OPENING = "opening"
+    LIVE = "live"
+    RECONNECTING = "reconnecting"
+    GONE = "gone"
 
 
 @dataclass(slots=True)
@@ -59,6 +89,31 @@ class EndCall:
 
 
 @dataclass(slots=True)
+class OpenUpstream:
+    """Open a new Realtime session (with the call's transcript) after `delay_s`.
+
+    `replace`: the current one is dead (reconnect); otherwise it is still live and is closed
+    once the new one has taken over (rotation before the time cap)."""
+
+    delay_s: float
+    reason: str
+    replace: bool = True
+
+
+@dataclass(slots=True)
+class CloseUpstream:
+    reason: str
+
+
+@dataclass(slots=True)
+class ProtocolError:
+    """A message from Twilio or OpenAI the core could not use; the call goes on."""
+
+    source: str  # twilio | realtime
+    detail: str
+
+
+@dataclass(slots=True)
 class RecordTurn:
     role: str  # user | assistant | dtmf
     text: str
@@ -81,8 +136,53 @@ class UpstreamError:
 
 
 Action = (
-    SendTwilio | SendRealtime | SendRealtimeRaw | EndCall | RecordTurn | RecordUsage | UpstreamError
+    SendTwilio
+    | SendRealtime
+    | SendRealtimeRaw
+    | EndCall
+    | OpenUpstream
+    | CloseUpstream
+    | ProtocolError
+    | RecordTurn
+    | RecordUsage
+    | UpstreamError
 )
+
+
+class _Bad(Exception):
+    """A field of an incoming message has the wrong shape."""
+
+
+def _obj(parent: dict[str, Any], key: str, required: bool = True) -> dict[str, Any]:
+    value = parent.get(key)
+    if isinstance(value, dict):
+        return value
+    if value is None and not required:
+        return {}
+    raise _Bad(f"{key} is {type(value).__name__}, not an object")
+
+
+def _text(parent: dict[str, Any], key: str, required: bool = True) -> str:
+    value = parent.get(key)
+    if isinstance(value, str):
+        return value
+    if value is None and not required:
+        return ""
+    raise _Bad(f"{key} is {type(value).__name__}, not a string")
+
+
+def _whole(parent: dict[str, Any], key: str) -> int:
+    value = parent.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise _Bad(f"{key} is {value!r}, not a whole number")
+
+
+def _b64(value: str, what: str) -> bytes:
+    try:
+        return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError) as err:
+        raise _Bad(f"{what} is not base64 ({err})") from None
 
 
 @dataclass(slots=True)
@@ -140,15 +240,21 @@ class TurnTiming:
 class CallState:
     """State of one call from the pre-opened Realtime session to hang-up."""
 
+    policy: LinkPolicy = field(default_factory=LinkPolicy)
     expected_format: str = "audio/pcmu"
+    transcript_grace_s: float = TRANSCRIPT_GRACE_S
+    phase: Phase = Phase.WAITING_FOR_START
+    upstream: Upstream = Upstream.OPENING
     stream_sid: str | None = None
     call_sid: str | None = None
     started_at: float | None = None
     greeting_ms: float | None = None
-    ended: bool = False
+    end_reason: str | None = None
     transcript: list[tuple[str, str]] = field(default_factory=list)
     turns: list[TurnTiming] = field(default_factory=list)
     frames_sent: int = 0
+    reconnects: int = 0
+    rotations: int = 0
     interrupt_response: bool = True
     vad_silence_ms: int = 0
     caller_speaking: bool = False
@@ -159,36 +265,66 @@ class CallState:
         self._marks: deque[_Mark] = deque()
         self._mark_seq = 0
         self._pre_start: list[tuple[_Item, bytes]] = []  # chunks made before Twilio's start
+        self._pre_start_bytes = 0
         self._playing_since: float | None = None  # when the chunk at _marks[0] began playing
         self._active_response: str | None = None
         self._dropped_responses: set[str] = set()
+        self._superseded: set[str] = set()  # responses of replaced sessions (unknown upstream)
         self._appended_bytes = 0
         self._append_ends: list[int] = []  # cumulative appended ms, for speech_stopped alignment
         self._append_times: list[float] = []
         self._pending_turn: TurnTiming | None = None
+        # upstream lifecycle
+        self._upstream_since = 0.0
+        self._attempt = 0  # reconnects since the upstream last proved alive
+        self._rotating = False
+        self._rotate_not_before = 0.0
+        self._owed: set[str] = set()  # what the upstream owes us: session, response, done
+        self._heard_from_upstream = 0.0
+        # the end
+        self._ending_deadline = 0.0
+        self._awaiting_commit = False  # speech stopped: a committed item and its words follow
+        self._untranscribed: set[str] = set()  # committed caller items without their words yet
+
+    @property
+    def ended(self) -> bool:
+        """The phone side is finished (ENDING or ENDED)."""
+        return self.phase in (Phase.ENDING, Phase.ENDED)
 
     # Twilio side
-    def on_twilio(self, msg: dict[str, Any], now: float) -> list[Action]:
-        kind = msg.get("event")
-        if kind == "media":
-            return self._on_media(msg, now)
-        if kind == "mark":
-            return self._on_mark(msg.get("mark", {}).get("name", ""), now)
-        if kind == "start":
-            return self._on_start(msg, now)
-        if kind == "dtmf":
-            digit = str(msg.get("dtmf", {}).get("digit", ""))
-            return [RecordTurn("dtmf", digit)] if digit else []
-        if kind == "stop":
-            self.ended = True
-            return [*self._record_unfinished(now), EndCall("caller hung up")]
-        return []  # connected, and events Twilio may add later
+    def on_twilio(self, msg: Any, now: float) -> list[Action]:
+        try:
+            if not isinstance(msg, dict):
+                raise _Bad(f"message is {type(msg).__name__}, not an object")
+            kind = msg.get("event")
+            if self.ended:
+                return []
+            if kind == "media":
+                actions = self._on_media(msg, now)
+                return self._clock(now, actions) if self.upstream is Upstream.LIVE else actions
+            if kind == "mark":
+                return self._on_mark(msg, now)
+            if kind == "start":
+                return self._on_start(msg, now)
+            if kind == "dtmf":
+                return self._on_dtmf(msg)
+            if kind == "stop":
+                return self.end(now, "caller hung up")
+            return []  # connected, and events Twilio may add later
+        except _Bad as bad:
+            return [ProtocolError("twilio", f"{_kind(msg, 'event')}: {bad}")]
 
     def _on_start(self, msg: dict[str, Any], now: float) -> list[Action]:
-        start = msg.get("start", {})
-        self.stream_sid = msg.get("streamSid") or start.get("streamSid")
-        self.call_sid = start.get("callSid")
+        if self.phase is not Phase.WAITING_FOR_START:
+            raise _Bad("a second start")
+        start = _obj(msg, "start")
+        sid = _text(msg, "streamSid", required=False) or _text(start, "streamSid", False)
+        if not sid:
+            return [ProtocolError("twilio", "start: no streamSid"), *self.end(now, "bad start")]
+        self.stream_sid = sid
+        self.call_sid = _text(start, "callSid", required=False) or self.call_sid
         self.started_at = now
+        self.phase = Phase.STREAMING
         actions: list[Action] = []
         for item, chunk in self._pre_start:
             actions += self._chunk_actions(item, chunk, now)
@@ -196,24 +332,33 @@ class CallState:
         return actions
 
     def _on_media(self, msg: dict[str, Any], now: float) -> list[Action]:
-        media = msg.get("media", {})
-        if media.get("track", "inbound") != "inbound":
+        media = _obj(msg, "media")
+        if _text(media, "track", required=False) not in ("", "inbound"):
             return []
-        payload = media.get("payload", "")
-        if not payload:
+        payload = _text(media, "payload")
+        if not payload or self.phase is not Phase.STREAMING:
             return []
-        self._appended_bytes += len(payload) * 3 // 4 - payload.count("=", -2)
+        size = len(_b64(payload, "media.payload"))
+        if self.upstream is not Upstream.LIVE:
+            return []  # nobody to hear it, and nothing billed while we reconnect
+        self._appended_bytes += size
         self._append_ends.append(self._appended_bytes // MULAW_BYTES_PER_MS)
         self._append_times.append(now)
         if len(self._append_ends) > 4096:  # ~80 s of alignment history is plenty
             del self._append_ends[:2048], self._append_times[:2048]
         return [SendRealtimeRaw(_APPEND_HEAD + orjson.dumps(payload) + b"}")]
 
-    def _on_mark(self, name: str, now: float) -> list[Action]:
-        try:
-            number = int(name)
-        except ValueError:
-            return []
+    def _on_dtmf(self, msg: dict[str, Any]) -> list[Action]:
+        digit = _text(_obj(msg, "dtmf"), "digit")
+        if digit not in DTMF_DIGITS:
+            raise _Bad(f"digit {digit[:8]!r}")
+        return [RecordTurn("dtmf", digit)]
+
+    def _on_mark(self, msg: dict[str, Any], now: float) -> list[Action]:
+        name = _text(_obj(msg, "mark"), "name")
+        if not name.isdigit():
+            return []  # not one of ours
+        number = int(name)
         # Marks cleared by a barge-in come back too; they are older than anything pending.
         finished: list[Action] = []
         while self._marks and self._marks[0].number <= number:
@@ -227,45 +372,68 @@ class CallState:
         return finished
 
     # Realtime side
-    def on_realtime(self, event: dict[str, Any], now: float) -> list[Action]:
-        handler = _REALTIME_HANDLERS.get(event.get("type", ""))
-        return handler(self, event, now) if handler else []
+    def on_realtime(self, event: Any, now: float) -> list[Action]:
+        try:
+            if not isinstance(event, dict):
+                raise _Bad(f"event is {type(event).__name__}, not an object")
+            kind = event.get("type")
+            if self.phase is Phase.ENDED or not isinstance(kind, str):
+                return []
+            self._heard_from_upstream = now
+            if self.phase is Phase.ENDING:
+                handler = _ENDING_HANDLERS.get(kind)
+                actions = handler(self, event, now) if handler else []
+                return actions + self._finish_if_settled()
+            handler = _REALTIME_HANDLERS.get(kind)
+            return handler(self, event, now) if handler else []
+        except _Bad as bad:
+            return [ProtocolError("realtime", f"{_kind(event, 'type')}: {bad}")]
 
     def _on_session_updated(self, event: dict[str, Any], now: float) -> list[Action]:
-        audio = event.get("session", {}).get("audio", {})
+        audio = _obj(_obj(event, "session"), "audio")
+        audio_in, audio_out = _obj(audio, "input"), _obj(audio, "output")
         formats = (
-            audio.get("input", {}).get("format", {}).get("type"),
-            audio.get("output", {}).get("format", {}).get("type"),
+            _text(_obj(audio_in, "format"), "type"),
+            _text(_obj(audio_out, "format"), "type"),
         )
-        turn = audio.get("input", {}).get("turn_detection") or {}
-        self.interrupt_response = bool(turn.get("interrupt_response", False))
-        self.vad_silence_ms = int(turn.get("silence_duration_ms") or 0)
+        turn = _obj(audio_in, "turn_detection", required=False)
+        self.interrupt_response = turn.get("interrupt_response") is True
+        silence = turn.get("silence_duration_ms")
+        self.vad_silence_ms = silence if isinstance(silence, int) and silence > 0 else 0
+        self._owed.discard("session")
+        self._attempt = 0  # a session that answers is alive: the backoff starts over
         if formats != (self.expected_format, self.expected_format):
             log.error("session formats %s, expected %s: ending call", formats, self.expected_format)
-            return [EndCall(f"upstream audio format {formats} is not {self.expected_format}")]
+            return self.end(now, f"upstream audio format {formats} is not {self.expected_format}")
         return []
 
     def _on_response_created(self, event: dict[str, Any], now: float) -> list[Action]:
-        self._active_response = event.get("response", {}).get("id")
+        self._active_response = _text(_obj(event, "response"), "id")
+        self._owed.discard("response")
+        self._owe("done", now)
         return []
 
     def _on_response_done(self, event: dict[str, Any], now: float) -> list[Action]:
-        response = event.get("response", {})
-        if response.get("id") == self._active_response:
+        response = _obj(event, "response")
+        rid = _text(response, "id", required=False) or None
+        if rid == self._active_response:
             self._active_response = None
+            self._owed.discard("done")
         usage = response.get("usage")
         if not usage:
             return []
-        rid = response.get("id")
+        if not isinstance(usage, dict):
+            raise _Bad("response.usage is not an object")
         audio = sum(i.received for i in self._items.values() if i.response_id == rid)
         return [RecordUsage(rid, usage, audio // MULAW_BYTES_PER_MS)]
 
     def _on_audio_delta(self, event: dict[str, Any], now: float) -> list[Action]:
-        response_id = event.get("response_id", "")
+        response_id = _text(event, "response_id")
+        item_id = _text(event, "item_id")
+        audio = _b64(_text(event, "delta"), "delta")
         if response_id in self._dropped_responses:
             return []
-        item = self._item_for(event.get("item_id", ""), response_id)
-        audio = binascii.a2b_base64(event.get("delta", ""))
+        item = self._item_for(item_id, response_id)
         item.received += len(audio)
         turn = self._pending_turn
         if turn is not None and turn.first_delta_at is None:
@@ -275,18 +443,21 @@ class CallState:
         return self._emit_chunk(item, whole, now) if whole else []
 
     def _on_audio_done(self, event: dict[str, Any], now: float) -> list[Action]:
-        item = self._items.get(event.get("item_id", ""))
-        if item is None or event.get("response_id") in self._dropped_responses:
+        item = self._items.get(_text(event, "item_id"))
+        if item is None or _text(event, "response_id", False) in self._dropped_responses:
             return []
         item.audio_done = True
         tail = self._chunker.flush()
         return self._emit_chunk(item, tail, now) if tail else self._maybe_record(item)
 
     def _on_transcript_done(self, event: dict[str, Any], now: float) -> list[Action]:
-        item = self._items.get(event.get("item_id", ""))
+        item = self._items.get(_text(event, "item_id"))
+        text = _text(event, "transcript", required=False)
         if item is None:
             return []
-        item.text = event.get("transcript", "")
+        item.text = text
+        if self.phase is Phase.ENDING:  # the phone is gone: keep what it had played
+            return [] if item.recorded else self._record_assistant(item, _heard_part(item))
         return self._maybe_record(item)
 
     def _maybe_record(self, item: _Item) -> list[Action]:
@@ -313,12 +484,24 @@ class CallState:
             )
         ]
 
+    def _on_committed(self, event: dict[str, Any], now: float) -> list[Action]:
+        self._awaiting_commit = False
+        self._untranscribed.add(_text(event, "item_id"))
+        if len(self._untranscribed) > 32:  # transcription is off or lost: forget the oldest
+            self._untranscribed.pop()
+        return []
+
     def _on_user_transcript(self, event: dict[str, Any], now: float) -> list[Action]:
-        text = (event.get("transcript") or "").strip()
+        self._untranscribed.discard(_text(event, "item_id", required=False))
+        text = _text(event, "transcript", required=False).strip()
         if not text:
             return []
         self.transcript.append(("user", text))
         return [RecordTurn("user", text)]
+
+    def _on_transcription_failed(self, event: dict[str, Any], now: float) -> list[Action]:
+        self._untranscribed.discard(_text(event, "item_id", required=False))
+        return []
 
     def _on_speech_started(self, event: dict[str, Any], now: float) -> list[Action]:
         self.caller_speaking = True
@@ -338,40 +521,154 @@ class CallState:
         self._playing_since = None
         self._chunker.reset()
         if item is not None:
-            actions.append(self._forget_unheard(item))
+            actions += self._forget_unheard(item)
             if not item.recorded and item.text:
                 actions += self._record_assistant(item, _heard_part(item))
         return actions
 
-    def _forget_unheard(self, item: _Item) -> SendRealtime:
+    def _forget_unheard(self, item: _Item) -> list[Action]:
+        if item.response_id in self._superseded:
+            return []  # an earlier session's item: the new session never had it
         heard_ms = min(item.played, item.received) // MULAW_BYTES_PER_MS
         if heard_ms <= 0:
             # A 0 ms truncate is rejected; an unheard reply is removed instead.
-            return SendRealtime({"type": "conversation.item.delete", "item_id": item.item_id})
-        return SendRealtime(
-            {
-                "type": "conversation.item.truncate",
-                "item_id": item.item_id,
-                "content_index": 0,
-                "audio_end_ms": heard_ms,
-            }
-        )
+            return [SendRealtime({"type": "conversation.item.delete", "item_id": item.item_id})]
+        return [
+            SendRealtime(
+                {
+                    "type": "conversation.item.truncate",
+                    "item_id": item.item_id,
+                    "content_index": 0,
+                    "audio_end_ms": heard_ms,
+                }
+            )
+        ]
 
     def _on_speech_stopped(self, event: dict[str, Any], now: float) -> list[Action]:
         self.caller_speaking = False
+        self._awaiting_commit = True
+        self._owe("response", now)  # server VAD answers every turn it detects
         # audio_end_ms includes the VAD's silence window; the caller stopped before it.
-        end_ms = int(event.get("audio_end_ms", 0)) - self.vad_silence_ms
+        end_ms = _whole(event, "audio_end_ms") - self.vad_silence_ms
         end_of_speech = self._wall_time_of(end_ms, now)
         self._pending_turn = TurnTiming(end_of_speech=end_of_speech, speech_stopped_at=now)
         self.turns.append(self._pending_turn)
         return []
 
     def _on_error(self, event: dict[str, Any], now: float) -> list[Action]:
-        error = event.get("error", {})
+        error = _obj(event, "error")
         code = error.get("code")
+        code = code if isinstance(code, str) else None
         if code in BENIGN_ERRORS:
             return []
-        return [UpstreamError(code, error.get("message", ""))]
+        return [UpstreamError(code, _text(error, "message", required=False)[:500])]
+
+    # upstream lifecycle
+    def upstream_opened(self, now: float, greeting: dict[str, Any] | None = None) -> list[Action]:
+        """A session (first, reconnected or rotated) is open and configured; `greeting` is the
+        response.create that greets the caller, sent only on the first session."""
+        if self.ended:
+            return [CloseUpstream("the call ended while the session was opening")]
+        first = self.upstream is Upstream.OPENING
+        if not first:
+            self._session_replaced()
+            if self._rotating:
+                self.rotations += 1
+            else:
+                self.reconnects += 1
+        self.upstream, self._upstream_since, self._rotating = Upstream.LIVE, now, False
+        self._owed.clear()
+        self._owe("session", now)
+        if first and greeting is not None:
+            self._owe("response", now)
+            return [SendRealtime(greeting)]
+        return []
+
+    def upstream_open_failed(self, now: float, reason: str) -> list[Action]:
+        if self._rotating:  # the old session still works; try again a little later
+            self._rotating = False
+            self._rotate_not_before = now + ROTATION_RETRY_S
+            return []
+        return self.upstream_lost(now, f"open failed: {reason}")
+
+    def upstream_lost(self, now: float, reason: str) -> list[Action]:
+        """The session dropped, stalled or broke: reconnect with backoff, or end the call."""
+        if self.phase is Phase.ENDED:
+            return []
+        if self.phase is Phase.ENDING:
+            return self._finish("upstream gone while ending")
+        actions = self._record_unfinished(now)
+        self._attempt += 1
+        delay = self.policy.reconnect_delay(self._attempt)
+        if delay is None:
+            self.upstream = Upstream.GONE
+            return actions + self.end(now, f"upstream lost for good ({reason})")
+        self.upstream = Upstream.RECONNECTING
+        self._owed.clear()
+        return [*actions, OpenUpstream(delay, reason, replace=True)]
+
+    def tick(self, now: float) -> list[Action]:
+        """Clock-driven decisions, for moments no message arrives (the handler's timer)."""
+        if self.phase is Phase.ENDING and now >= self._ending_deadline:
+            return self._finish("the last transcripts did not come in time")
+        if self.upstream is Upstream.LIVE and not self.ended:
+            return self._clock(now, [])
+        return []
+
+    def _clock(self, now: float, actions: list[Action]) -> list[Action]:
+        if self._owed and now - self._heard_from_upstream > self.policy.stall_s:
+            owed = ", ".join(sorted(self._owed))
+            return actions + self.upstream_lost(now, f"stalled: no event for {owed}")
+        if (
+            not self._rotating
+            and now - self._upstream_since > self.policy.max_age_s
+            and now >= self._rotate_not_before
+            and self.quiet
+        ):
+            self._rotating = True
+            actions.append(OpenUpstream(0.0, "session age", replace=False))
+        return actions
+
+    def _owe(self, what: str, now: float) -> None:
+        if not self._owed:
+            self._heard_from_upstream = now  # the stall clock starts when the debt does
+        self._owed.add(what)
+
+    # the end
+    def end(self, now: float, reason: str) -> list[Action]:
+        """End the call from any phase, once: the unfinished reply is recorded as far as the
+        phone played it, the phone is closed, and the upstream stays open (bounded) for the
+        caller's last transcript."""
+        if self.ended:
+            return []
+        self.end_reason = reason
+        actions = [*self._record_unfinished(now), EndCall(reason)]
+        self.phase = Phase.ENDING
+        self._ending_deadline = now + self.transcript_grace_s
+        return actions + self._finish_if_settled()
+
+    @property
+    def transcripts_pending(self) -> bool:
+        if self.upstream is not Upstream.LIVE:
+            return False
+        if self._awaiting_commit or self._untranscribed:
+            return True
+        return any(i.text is None and i.queued > 0 and not i.recorded for i in self._items.values())
+
+    def _finish_if_settled(self) -> list[Action]:
+        if self.phase is Phase.ENDING and not self.transcripts_pending:
+            return self._finish("the call ended")
+        return []
+
+    def _finish(self, reason: str) -> list[Action]:
+        self.phase = Phase.ENDED
+        live = self.upstream in (Upstream.LIVE, Upstream.OPENING)
+        self.upstream = Upstream.GONE
+        return [CloseUpstream(reason)] if live else []
+
+    @property
+    def ending_deadline(self) -> float | None:
+        return self._ending_deadline if self.phase is Phase.ENDING else None
 
     # helpers
     def _item_for(self, item_id: str, response_id: str) -> _Item:
@@ -384,7 +681,7 @@ class CallState:
         return item
 
     def _record_unfinished(self, now: float) -> list[Action]:
-        """At hang-up, replies still on the phone are remembered as far as they were heard."""
+        """Replies still on the phone are remembered as far as they were heard."""
         if self._marks:
             playing = self._marks[0]
             item = self._items.get(playing.item_id)
@@ -405,7 +702,9 @@ class CallState:
 
     def _emit_chunk(self, item: _Item, chunk: bytes, now: float) -> list[Action]:
         if self.stream_sid is None:
-            self._pre_start.append((item, chunk))
+            if self._pre_start_bytes + len(chunk) <= MAX_PRE_START_BYTES:
+                self._pre_start.append((item, chunk))
+                self._pre_start_bytes += len(chunk)
             return []
         return self._chunk_actions(item, chunk, now)
 
@@ -442,15 +741,20 @@ class CallState:
             return fallback
         return self._append_times[i]
 
-    # upstream lifecycle
-    def upstream_replaced(self) -> None:
+    def _session_replaced(self) -> None:
         """A new Realtime session took over: its audio clock and items start afresh."""
         self._appended_bytes = 0
         self._append_ends.clear()
         self._append_times.clear()
+        if self._active_response is not None:
+            self._dropped_responses.add(self._active_response)
         self._active_response = None
+        self._pending_turn = None
+        self._awaiting_commit = False
+        self._untranscribed.clear()
         self.caller_speaking = False
         self._chunker.reset()
+        self._superseded.update(i.response_id for i in self._items.values())
 
     @property
     def playback_pending(self) -> bool:
@@ -467,6 +771,11 @@ class CallState:
 
 
 _APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":'
+
+
+def _kind(message: Any, key: str) -> str:
+    value = message.get(key) if isinstance(message, dict) else None
+    return value[:60] if isinstance(value, str) else "?"
 
 
 def _heard_part(item: _Item) -> str:
@@ -488,8 +797,17 @@ _REALTIME_HANDLERS = {
     "response.output_audio.delta": CallState._on_audio_delta,
     "response.output_audio.done": CallState._on_audio_done,
     "response.output_audio_transcript.done": CallState._on_transcript_done,
+    "input_audio_buffer.committed": CallState._on_committed,
     "conversation.item.input_audio_transcription.completed": CallState._on_user_transcript,
+    "conversation.item.input_audio_transcription.failed": CallState._on_transcription_failed,
     "input_audio_buffer.speech_started": CallState._on_speech_started,
     "input_audio_buffer.speech_stopped": CallState._on_speech_stopped,
     "error": CallState._on_error,
+}
+# Once the phone is closed only the words still owed matter.
+_ENDING_HANDLERS = {
+    "input_audio_buffer.committed": CallState._on_committed,
+    "conversation.item.input_audio_transcription.completed": CallState._on_user_transcript,
+    "conversation.item.input_audio_transcription.failed": CallState._on_transcription_failed,
+    "response.output_audio_transcript.done": CallState._on_transcript_done,
 }

@@ -19,16 +19,21 @@ import orjson
 from aiohttp import WSMsgType, web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from gateway.bridge import RealtimeSession, UpstreamClosed, call_session
+from gateway.bridge import LinkPolicy, RealtimeSession, UpstreamClosed, call_session, pump
 from gateway.call_state import (
     Action,
     CallState,
+    CloseUpstream,
     EndCall,
+    OpenUpstream,
+    Phase,
+    ProtocolError,
     RecordTurn,
     RecordUsage,
     SendRealtime,
     SendRealtimeRaw,
     SendTwilio,
+    Upstream,
     UpstreamError,
 )
 from gateway.memory import instructions_for, load_memory, with_transcript
@@ -53,14 +58,19 @@ from gateway.usage import token_counts
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = (
-    10.0  # Twilio sends `connected` and `start` at once; a silent socket is not Twilio
-)
-RECONNECT_ATTEMPTS = 2
+# Twilio sends `connected` and `start` at once; a silent socket is not Twilio.
+START_TIMEOUT_S = 10.0
+TICK_S = 0.25  # the core's clock when no message arrives (stall watchdog, end deadline)
+PHONE_CLOSE_TIMEOUT_S = 1.0  # Twilio answers a close at once; a dead peer is cut after this
+LOGGED_PROTOCOL_ERRORS = 5  # per call; the rest are counted in /metrics only
 
 
 class LiveCall:
-    """One call: its Realtime session, its core state and, once connected, Twilio's socket."""
+    """One call: its Realtime sessions, its core state and, once connected, Twilio's socket.
+
+    Carries out what `CallState` decides; every task it starts is kept, and every way it can
+    fail goes back into the core as an event (lost upstream, lost phone), never a dead task.
+    """
 
     def __init__(
         self,
@@ -75,149 +85,122 @@ class LiveCall:
         self.person = person
         self.conversation_id = conversation_id
         self.clock = clock
-        self.state = CallState()
+        self.policy = LinkPolicy.from_settings(rt.settings)
+        self.state = CallState(policy=self.policy)
+        self.state.call_sid = call_sid
         self.memory = MemoryContext(None, None, None, [], True)
         self.session: RealtimeSession | None = None
         self.ws: web.WebSocketResponse | None = None
-        self.upstream_ready = asyncio.Event()
-        self.reconnects = 0
-        self._ending = False
+        self.finished = asyncio.Event()  # the core reached ENDED and the upstream is closed
+        self.log_id = f"call {call_sid}"
+        self.protocol_errors = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._pump: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._ticker: asyncio.TimerHandle | None = None
         self._greeting_observed = False
-        self.session_opened_at = clock()
-        self.rotations = 0
-        self._rotating = False
         self._inbound_timer = FrameTimer("inbound")
         self._outbound_timer = FrameTimer("outbound")
 
+    @property
+    def reconnects(self) -> int:
+        return self.state.reconnects
+
+    @property
+    def rotations(self) -> int:
+        return self.state.rotations
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
     # upstream
     def open_upstream(self) -> None:
-        self._spawn(self._open_and_pump())
+        self._arm_tick()
+        self._open_later(OpenUpstream(0.0, "call answered"))
 
-    async def _open_and_pump(self) -> None:
-        try:
-            if self.person is not None:
-                self.memory = await load_memory(self.rt.store, self.person)
-            instructions = instructions_for(self.rt.persona, "call", self.memory)
-            self.session = await self._open_session(instructions)
-            self.session_opened_at = self.clock()
-            greeting = greeting_instruction(self.rt.persona, "call", self.memory)
-            await self.session.send(
-                {
-                    "type": "response.create",
-                    "response": {
-                        "instructions": f"{instructions}\n\n{greeting}",
-                        # Names the call in OpenAI's records of the session, for support.
-                        "metadata": {"call_sid": self.call_sid},
-                    },
-                }
-            )
-        except Exception:
-            log.exception("call %s: could not open the Realtime session", self.call_sid)
-            ERRORS.labels("session_open_failed").inc()
-            self.upstream_ready.set()
-            await self.end()
+    def _open_later(self, action: OpenUpstream) -> None:
+        self._opening = self._spawn(self._open(action))
+
+    async def _open(self, action: OpenUpstream) -> None:
+        if action.delay_s > 0:
+            await asyncio.sleep(action.delay_s)
+        if self.state.phase is Phase.ENDED:
             return
-        self.upstream_ready.set()
-        self._pump = asyncio.current_task()  # type: ignore[assignment]
-        await self._pump_events()
-
-    async def _open_session(self, instructions: str) -> RealtimeSession:
-        settings = self.rt.settings
-        return await RealtimeSession.open(
-            self.rt.openai,
-            settings.realtime_model,
-            call_session(settings, self.rt.voice, instructions),
-        )
-
-    async def _pump_events(self) -> None:
-        while not self._ending:
-            session = self.session
-            assert session is not None
-            try:
-                event = await session.recv()
-            except UpstreamClosed as err:
-                if self._ending:
-                    return
-                if self.session is not session:
-                    continue  # a planned rotation replaced it
-                log.warning("call %s: upstream closed (%s); reconnecting", self.call_sid, err)
-                if not await self._reconnect():
-                    await self.end(apologise=True)
-                    return
-                continue
-            timed = (
-                event.get("type") == "response.output_audio.delta" and self._outbound_timer.due()
+        first = self.state.upstream is Upstream.OPENING
+        try:
+            if first and self.person is not None:
+                self.memory = await load_memory(self.rt.store, self.person)
+            instructions = self._instructions()
+            session = await RealtimeSession.open(
+                self.rt.openai,
+                self.rt.settings.realtime_model,
+                call_session(self.rt.settings, self.rt.voice, instructions),
+                self.policy,
             )
-            started = time.perf_counter() if timed else 0.0
-            await self.perform(self.state.on_realtime(event, self.clock()))
-            if timed:
-                self._outbound_timer.observe_since(started)
+        except Exception as err:
+            log.warning(
+                "%s: could not open a Realtime session (%s): %s: %s",
+                self.log_id, action.reason, type(err).__name__, err,
+            )  # fmt: skip
+            ERRORS.labels("session_open_failed").inc()
+            await self.perform(self.state.upstream_open_failed(self.clock(), str(err)))
+            return
+        old, self.session = self.session, session
+        greeting = self._greeting(instructions) if first else None
+        await self.perform(self.state.upstream_opened(self.clock(), greeting))
+        if old is not None and old is not session:
+            self._spawn(old.close())  # rotated out, or already dead: bounded either way
+        if not first:
+            log.info("%s: Realtime session replaced (%s)", self.log_id, action.reason)
+            if action.replace:
+                RECONNECTS.inc()
+        if self.session is session and not session.closed:
+            self._spawn(self._pump(session))
 
-    def _instructions_with_transcript(self) -> str:
+    def _instructions(self) -> str:
         memory = with_transcript(self.memory, self.state.transcript, "call")
         return instructions_for(self.rt.persona, "call", memory)
 
-    async def _reconnect(self) -> bool:
-        """A new session with persona, memory and this call's transcript; the call goes on."""
-        instructions = self._instructions_with_transcript()
-        for attempt in range(1, RECONNECT_ATTEMPTS + 1):
-            try:
-                self.session = await self._open_session(instructions)
-                self.session_opened_at = self.clock()
-            except Exception as err:
-                log.warning("call %s: reconnect %d failed: %s", self.call_sid, attempt, err)
-                await asyncio.sleep(0.2 * attempt)
-                continue
-            self.state.upstream_replaced()
-            self.reconnects += 1
-            RECONNECTS.inc()
-            return True
-        return False
+    def _greeting(self, instructions: str) -> dict[str, Any]:
+        greeting = greeting_instruction(self.rt.persona, "call", self.memory)
+        return {
+            "type": "response.create",
+            "response": {
+                "instructions": f"{instructions}\n\n{greeting}",
+                # Names the call in OpenAI's records of the session, for support.
+                "metadata": {"call_sid": self.call_sid},
+            },
+        }
 
-    def _maybe_rotate(self, now: float) -> None:
-        """Before the API's 60-minute cap, swap sessions while nobody talks, so the cap
-        never cuts a reply or the caller mid-sentence."""
-        if (
-            not self._rotating
-            and now - self.session_opened_at > self.rt.settings.call_session_rotate_s
-            and self.state.quiet
-            and self.session is not None
-        ):
-            self._rotating = True
-            self._spawn(self._rotate())
+    async def _pump(self, session: RealtimeSession) -> None:
+        async def on_event(event: Any) -> None:
+            if self.session is session:  # a rotated-out session's stragglers are ignored
+                await self._on_upstream_event(event)
 
-    async def _rotate(self) -> None:
-        old = self.session
-        try:
-            new = await self._open_session(self._instructions_with_transcript())
-        except Exception as err:
-            log.warning("call %s: session rotation failed (%s); will retry", self.call_sid, err)
-            self.session_opened_at = self.clock() - self.rt.settings.call_session_rotate_s + 30
-            self._rotating = False
-            return
-        if self._ending:
-            await new.close()
-            return
-        self.session, self.session_opened_at = new, self.clock()
-        self.state.upstream_replaced()
-        self.rotations += 1
-        self._rotating = False
-        log.info("call %s: Realtime session rotated before its time cap", self.call_sid)
-        if old is not None:
-            await old.close()
+        reason = await pump(session, on_event, self.log_id)
+        if self.session is session and self.state.phase is not Phase.ENDED:
+            log.warning("%s: %s", self.log_id, reason)
+            await self.perform(self.state.upstream_lost(self.clock(), reason))
+
+    async def _on_upstream_event(self, event: Any) -> None:
+        timed = (
+            isinstance(event, dict)
+            and event.get("type") == "response.output_audio.delta"
+            and self._outbound_timer.due()
+        )
+        started = time.perf_counter() if timed else 0.0
+        await self.perform(self.state.on_realtime(event, self.clock()))
+        if timed:
+            self._outbound_timer.observe_since(started)
 
     # twilio
-    async def on_twilio(self, message: dict[str, Any]) -> None:
-        now = self.clock()
-        self._maybe_rotate(now)
+    async def on_twilio(self, message: Any) -> None:
         if self._inbound_timer.due():
             started = time.perf_counter()
-            await self.perform(self.state.on_twilio(message, now))
+            await self.perform(self.state.on_twilio(message, self.clock()))
             self._inbound_timer.observe_since(started)
         else:
-            await self.perform(self.state.on_twilio(message, now))
+            await self.perform(self.state.on_twilio(message, self.clock()))
 
     async def perform(self, actions: list[Action]) -> None:
         for action in actions:
@@ -231,37 +214,78 @@ class LiveCall:
                 self._record_turn(action)
             elif isinstance(action, RecordUsage):
                 self._record_usage(action)
+            elif isinstance(action, ProtocolError):
+                self._protocol_error(action)
             elif isinstance(action, UpstreamError):
                 ERRORS.labels("upstream_error").inc()
-                log.warning(
-                    "call %s: upstream error %s: %s", self.call_sid, action.code, action.message
-                )
+                log.warning("%s: upstream error %s: %s", self.log_id, action.code, action.message)
+            elif isinstance(action, OpenUpstream):
+                self._open_later(action)
             elif isinstance(action, EndCall):
-                log.info("call %s: ending (%s)", self.call_sid, action.reason)
-                await self.end()
+                log.info("%s: ending (%s)", self.log_id, action.reason)
+                self._spawn(self._close_phone())
+            elif isinstance(action, CloseUpstream):
+                self._close_upstream()
         if not self._greeting_observed and self.state.greeting_ms is not None:
             self._greeting_observed = True
             GREETING.observe(self.state.greeting_ms / 1000)
 
+    def _protocol_error(self, error: ProtocolError) -> None:
+        ERRORS.labels(f"{error.source}_protocol").inc()
+        self.protocol_errors += 1
+        if self.protocol_errors <= LOGGED_PROTOCOL_ERRORS:
+            log.warning("%s: unusable %s message: %s", self.log_id, error.source, error.detail)
+
     async def _to_twilio(self, message: dict[str, Any]) -> None:
         ws = self.ws
-        if ws is not None and not ws.closed:
+        if ws is None or ws.closed:
+            return
+        try:
             await ws.send_str(orjson.dumps(message).decode())
+        except (ConnectionError, RuntimeError) as err:  # the phone's TCP is gone
+            log.info("%s: phone socket lost while sending: %s", self.log_id, err)
+            await self.perform(self.state.end(self.clock(), "phone socket lost"))
 
     async def _to_realtime(self, event: dict[str, Any]) -> None:
-        if self.session is None:
+        session = self.session
+        if session is None or self.state.upstream is not Upstream.LIVE:
             return
-        # On a close the pump sees the same error and reconnects; this frame is lost.
+        # On a close the pump sees the same error and reconnects; this event is lost.
         with contextlib.suppress(UpstreamClosed):
-            await self.session.send(event)
+            await session.send(event)
 
     async def _audio_to_realtime(self, data: bytes) -> None:
-        if self.session is None:
+        session = self.session
+        if session is None:
             return
         try:  # noqa: SIM105 - a try is free per frame; suppress() is a context manager call
-            await self.session.send_bytes(data)
+            await session.send_bytes(data)
         except UpstreamClosed:
             pass  # the pump sees the same close and reconnects; this frame is lost
+
+    async def _close_phone(self) -> None:
+        ws = self.ws
+        if ws is None or ws.closed:
+            return
+        try:
+            async with asyncio.timeout(PHONE_CLOSE_TIMEOUT_S):
+                await ws.close()
+        except TimeoutError:
+            log.info("%s: the phone did not answer our close; socket cut", self.log_id)
+        except (ConnectionError, RuntimeError) as err:
+            log.debug("%s: closing the phone socket: %s", self.log_id, err)
+
+    def _close_upstream(self) -> None:
+        """The core is done with the upstream: close it, stop any open in flight, and finish."""
+        if self._opening is not None and self._opening is not asyncio.current_task():
+            self._opening.cancel()  # an open that completes now would bill a greeting
+        if self.session is not None:
+            self._spawn(self.session.close())
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.conversation_id is not None and self.rt.store is not None:
+            self._spawn(self._finish_conversation(self.conversation_id))
+        self.finished.set()
 
     # store
     def _record_turn(self, turn: RecordTurn) -> None:
@@ -306,35 +330,45 @@ class LiveCall:
         )
 
     # lifecycle
-    @property
-    def ended(self) -> bool:
-        return self._ending
+    def _arm_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.call_later(TICK_S, self._tick)
 
-    async def end(self, apologise: bool = False) -> None:
-        """Close everything once; closing Twilio's socket lets the TwiML <Say> apologise."""
-        if self._ending:
+    def _tick(self) -> None:
+        if self.state.phase is Phase.ENDED:
             return
-        self._ending = True
-        if self.session is not None:
-            await self.session.close()
-        if self.ws is not None and not self.ws.closed:
-            await self.ws.close()
-        if self._pump is not None and self._pump is not asyncio.current_task():
-            self._pump.cancel()
-        if self.conversation_id is not None and self.rt.store is not None:
-            self._spawn(self._finish_conversation(self.conversation_id))
-        if apologise:
-            log.warning("call %s: upstream lost for good; call ended", self.call_sid)
+        actions = self.state.tick(self.clock())
+        if actions:
+            self._spawn(self.perform(actions))
+        self._arm_tick()
+
+    async def end(self, reason: str) -> None:
+        """End the call (idempotent) and wait, bounded, until the core has finished: the
+        phone closed first, the caller's last words in, the upstream closed."""
+        await self.perform(self.state.end(self.clock(), reason))
+        bound = self.state.transcript_grace_s + 2 * TICK_S
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound):
+                await self.finished.wait()
+        if not self.finished.is_set():  # the ticker should have done this; never wait longer
+            await self.perform(self.state.tick(self.clock() + bound))
 
     async def _finish_conversation(self, conversation_id: int) -> None:
         await self.rt.store.end_conversation(conversation_id)
         if self.rt.summarizer is not None:
             self.rt.summarizer.poke()  # fold this call into the person's summary now
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (err := task.exception()) is not None:
+            ERRORS.labels("call_task_failed").inc()
+            log.error("%s: background work failed: %s: %s", self.log_id, type(err).__name__, err)
 
     async def drain(self) -> None:
         """Wait for pending store writes (shutdown and tests)."""
@@ -368,15 +402,16 @@ class CallRegistry:
     def _expire(self, token: str) -> None:
         call = self._waiting.pop(token, None)
         if call is not None:
-            log.warning("call %s: media stream never came; closing its session", call.call_sid)
-            call._spawn(call.end())
+            log.warning("%s: media stream never came; closing its session", call.log_id)
+            call._spawn(call.end("media stream never came"))
 
     async def close_all(self) -> None:
+        """Shutdown: every call ends at once (phones closed first, so Twilio's <Say> runs),
+        each bounded, so the slowest call bounds the wait, not their sum."""
         calls = [*self._waiting.values(), *self.live.values()]
         self._waiting.clear()
-        for call in calls:
-            await call.end()
-            await call.drain()
+        await asyncio.gather(*(call.end("gateway shutting down") for call in calls))
+        await asyncio.gather(*(call.drain() for call in calls))
 
 
 REGISTRY = web.AppKey("calls", CallRegistry)
@@ -433,9 +468,10 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     if not rt.signatures.ws_ok(request):
         return signature_refused(request, "media-stream")
-    ws = web.WebSocketResponse(compress=False, max_msg_size=1 << 20)
+    ws = web.WebSocketResponse(compress=False, max_msg_size=1 << 20, timeout=PHONE_CLOSE_TIMEOUT_S)
     await ws.prepare(request)
-    call, start = await _wait_for_start(ws, request.app[REGISTRY])
+    registry = request.app[REGISTRY]
+    call, start = await _wait_for_start(ws, registry)
     if call is None:
         await ws.close(code=1008, message=b"unknown or used stream token")
         return ws
@@ -443,16 +479,12 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         call.ws = ws
         ACTIVE_CALLS.inc()
         try:
-            await call.upstream_ready.wait()
-            if call.ended:  # OpenAI could not be reached: the TwiML's <Say> apologises
-                await ws.close()
-                return ws
             await call.on_twilio(start)
             await _relay(ws, call)
         finally:
             ACTIVE_CALLS.dec()
-            await call.end()
-            request.app[REGISTRY].live.pop(call.call_sid, None)
+            await call.end("phone stream closed")
+            registry.live.pop(call.call_sid, None)
             await call.drain()
     return ws
 
@@ -466,11 +498,15 @@ async def _wait_for_start(
                 if msg.type != WSMsgType.TEXT:
                     continue
                 data = _parse(msg.data)
-                if data.get("event") != "start":
+                if not isinstance(data, dict) or data.get("event") != "start":
                     continue
-                start = data.get("start") or {}
-                params = start.get("customParameters") or {}
-                call = registry.claim(str(params.get("token", "")), start.get("callSid"))
+                start = data.get("start")
+                params = start.get("customParameters") if isinstance(start, dict) else None
+                token = params.get("token") if isinstance(params, dict) else None
+                call_sid = start.get("callSid") if isinstance(start, dict) else None
+                call = None
+                if isinstance(token, str) and isinstance(call_sid, str):
+                    call = registry.claim(token, call_sid)
                 if call is None:
                     log.warning("media stream: start with an unknown or used token refused")
                 return call, data
@@ -483,29 +519,27 @@ async def _relay(ws: web.WebSocketResponse, call: LiveCall) -> None:
     async for msg in ws:
         if msg.type == WSMsgType.TEXT:
             data = _parse(msg.data)
-            if data:
-                await call.on_twilio(data)
+            if data is _NOT_JSON:
+                call._protocol_error(ProtocolError("twilio", "a frame that is not JSON"))
+                continue
+            await call.on_twilio(data)
             if call.state.ended:
                 return
         elif msg.type == WSMsgType.BINARY:
-            log.warning("call %s: binary frame from Twilio ignored", call.call_sid)
+            call._protocol_error(ProtocolError("twilio", "a binary frame"))
 
 
-def _parse(text: str) -> dict[str, Any]:
+_NOT_JSON = object()
+
+
+def _parse(text: str) -> Any:
     try:
-        data = orjson.loads(text)
+        return orjson.loads(text)
     except orjson.JSONDecodeError:
-        log.warning("media stream: a frame that is not JSON was ignored")
-        return {}
-    return data if isinstance(data, dict) else {}
+        return _NOT_JSON
 
 
 def setup(app: web.Application, claim_timeout_s: float) -> None:
     app[REGISTRY] = CallRegistry(claim_timeout_s)
     app.router.add_post("/webhook/voice", voice_webhook)
     app.router.add_get("/media-stream", media_stream)
-
-    async def close_calls(app: web.Application) -> None:
-        await app[REGISTRY].close_all()
-
-    app.on_shutdown.append(close_calls)

@@ -216,8 +216,8 @@ class InboundWorker:
             self._wake.clear()  # before claiming: a wake-up during the claim is not lost
             try:
                 message = await self.store.claim_inbound(STALE_AFTER_S)
-            except Exception:
-                log.exception("queue: claiming failed; trying again shortly")
+            except Exception as err:  # the store is unreachable: said once a second, not a crash
+                log.warning("queue: claiming failed (%s: %s); retrying", type(err).__name__, err)
                 message = None
                 await asyncio.sleep(1.0)
             if message is not None:

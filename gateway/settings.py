@@ -58,7 +58,10 @@ class Settings:
     vad_prefix_ms: int = 300
     sim_first_audio_ms: int = 300
     call_claim_timeout_s: float = 10.0
-    call_session_rotate_s: float = 3300.0
+    realtime_session_max_s: float = 3300.0
+    realtime_open_timeout_s: float = 10.0
+    realtime_close_timeout_s: float = 1.0
+    realtime_stall_s: float = 8.0
     whatsapp_session_idle_s: float = 180.0
     whatsapp_concurrency: int = 16
     max_media_bytes: int = 16 * 1024 * 1024
@@ -122,7 +125,17 @@ class Settings:
             vad_prefix_ms=reader.integer("VAD_PREFIX_MS", 300, 0, 2000),
             sim_first_audio_ms=reader.integer("SIM_FIRST_AUDIO_MS", 300, 0, 10000),
             call_claim_timeout_s=reader.number("CALL_CLAIM_TIMEOUT_S", 10.0, 0.5, 120.0),
-            call_session_rotate_s=reader.number("CALL_SESSION_ROTATE_S", 3300.0, 1.0, 3500.0),
+            # One age for every Realtime session (calls and WhatsApp), below the API's 60-minute
+            # cap; CALL_SESSION_ROTATE_S is its old, calls-only name.
+            realtime_session_max_s=reader.number(
+                "REALTIME_SESSION_MAX_S",
+                reader.number("CALL_SESSION_ROTATE_S", 3300.0, 1.0, 3500.0),
+                1.0,
+                3500.0,
+            ),
+            realtime_open_timeout_s=reader.number("REALTIME_OPEN_TIMEOUT_S", 10.0, 0.5, 60.0),
+            realtime_close_timeout_s=reader.number("REALTIME_CLOSE_TIMEOUT_S", 1.0, 0.05, 10.0),
+            realtime_stall_s=reader.number("REALTIME_STALL_S", 8.0, 0.2, 120.0),
             # Below the Realtime API's 60-minute session cap, which the warm session must not hit.
             whatsapp_session_idle_s=reader.number("WHATSAPP_SESSION_IDLE_S", 180.0, 1.0, 3000.0),
             whatsapp_concurrency=reader.integer("WHATSAPP_CONCURRENCY", 16, 1, 256),

@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from gateway.bridge import RealtimeSession, UpstreamClosed, voice_note_session
+from gateway.bridge import (
+    LinkPolicy,
+    RealtimeSession,
+    UpstreamClosed,
+    voice_note_session,
+)
 from gateway.memory import instructions_for, load_memory
 from gateway.persona import Channel, MemoryContext, greeting_instruction
 from gateway.runtime import Runtime
@@ -42,7 +47,6 @@ MAX_NOTE_MS = 150_000
 VOICE_NOTE_LIMIT_BYTES = 512 * 1024
 TURN_TIMEOUT_S = 120.0
 TRANSCRIPT_GRACE_S = 2.0  # the voice note's own transcript may trail the response a little
-MAX_SESSION_AGE_S = 50 * 60  # rotate before the API's 60-minute cap closes the session
 GREET_AFTER = timedelta(hours=6)  # a person back after this long is greeted again
 
 
@@ -175,6 +179,7 @@ class ReplyCollector:
         self.status: str | None = None
         self.usage: dict[str, Any] | None = None
         self.error: str | None = None
+        self.protocol_errors = 0
 
     @property
     def finished(self) -> bool:
@@ -185,11 +190,19 @@ class ReplyCollector:
         text = self.transcript if self.transcript is not None else "".join(self._transcript_parts)
         return text.strip()
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("type", "")
+    def on_event(self, event: Any) -> None:
+        kind = event.get("type") if isinstance(event, dict) else None
+        if not isinstance(kind, str):
+            self.protocol_errors += 1
+            return
         handler = getattr(self, "_on_" + kind.replace(".", "_"), None)
-        if handler is not None:
+        if handler is None:
+            return
+        try:
             handler(event)
+        except (TypeError, ValueError, AttributeError) as err:  # a field of the wrong shape
+            self.protocol_errors += 1
+            log.warning("unusable %s from upstream skipped: %s", kind[:60], err)
 
     def _on_input_audio_buffer_committed(self, event: dict[str, Any]) -> None:
         self.user_item_id = event.get("item_id")
@@ -214,7 +227,7 @@ class ReplyCollector:
 
     def _on_response_output_audio_delta(self, event: dict[str, Any]) -> None:
         if self._ours(event):
-            self.on_audio(base64.b64decode(event.get("delta") or ""))
+            self.on_audio(base64.b64decode(event.get("delta") or "", validate=True))
 
     def _on_response_output_audio_transcript_delta(self, event: dict[str, Any]) -> None:
         if self._ours(event):
@@ -229,7 +242,8 @@ class ReplyCollector:
         if response.get("id") != self.response_id:
             return
         self.status = str(response.get("status") or "failed")
-        self.usage = response.get("usage")
+        usage = response.get("usage")
+        self.usage = usage if isinstance(usage, dict) else None
         if self.status in ("failed", "cancelled"):
             details = response.get("status_details") or {}
             problem = details.get("error") or {}
@@ -250,21 +264,22 @@ class _Warm:
     memory: MemoryContext | None = None
     channel: Channel | None = None
     conversation_id: int | None = None
-    opened_at: float = 0.0
     responses: int = 0
     users: int = 0  # turns waiting or running: the idle timer leaves a busy session alone
     idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def usable(self) -> bool:
-        fresh = time.monotonic() - self.opened_at < MAX_SESSION_AGE_S
-        return self.session is not None and not self.session.closed and fresh
+        # An aged session is replaced before the API's 60-minute cap can cut a reply.
+        session = self.session
+        return session is not None and not session.closed and not session.expired
 
 
 class WarmSessions:
     def __init__(self, rt: Runtime, idle_s: float) -> None:
         self.rt = rt
         self.idle_s = idle_s
+        self.policy = LinkPolicy.from_settings(rt.settings)
         self._warm: dict[int, _Warm] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -283,14 +298,17 @@ class WarmSessions:
             self._arm_idle(warm)
 
     async def close_all(self) -> None:
-        for warm in list(self._warm.values()):
-            await self._close(warm)
+        """Shutdown: every warm session closes at once, each close bounded by the policy."""
+        warms = list(self._warm.values())
         self._warm.clear()
+        await asyncio.gather(*(self._close(w) for w in warms), return_exceptions=True)
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     # turns
     async def _reply_with_reconnect(self, warm: _Warm, turn: TurnInput, log_id: str) -> VoiceReply:
         for attempt in (1, 2):
+            if attempt > 1:
+                await asyncio.sleep(self.policy.reconnect_delay(attempt - 1) or 0.0)
             try:
                 if not warm.usable:
                     await self._close(warm)
@@ -317,9 +335,12 @@ class WarmSessions:
         warm.memory = await load_memory(rt.store, warm.person)
         instructions = instructions_for(rt.persona, channel, warm.memory)
         warm.session = await RealtimeSession.open(
-            rt.openai, settings.realtime_model, voice_note_session(settings, rt.voice, instructions)
+            rt.openai,
+            settings.realtime_model,
+            voice_note_session(settings, rt.voice, instructions),
+            self.policy,
         )
-        warm.channel, warm.opened_at, warm.responses = channel, time.monotonic(), 0
+        warm.channel, warm.responses = channel, 0
         warm.conversation_id = await rt.store.start_conversation(warm.person.id, "whatsapp")
 
     async def _turn(self, warm: _Warm, turn: TurnInput, log_id: str) -> VoiceReply:

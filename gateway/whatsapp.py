@@ -60,7 +60,7 @@ STATUS_PATH = "/webhook/whatsapp/status"
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 TEXT_LIMIT = 1600  # Twilio refuses longer bodies (21617)
 SEND_RETRY_DELAYS_S = (0.25, 0.5, 1.0)  # in-line retries of a Twilio 5xx/429; then the queue's
-SEND_GRACE_S = 10.0  # at shutdown, how long a started Twilio request may still take
+SEND_GRACE_S = 2.0  # at shutdown, how long a started Twilio request may still take
 MEDIA_NOT_FOUND_RETRY_S = (1.0, 2.0)  # Twilio's media can 404 briefly right after the webhook
 MAX_REDIRECTS = 5
 DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
@@ -285,6 +285,7 @@ class WhatsAppChannel:
         self.worker: InboundWorker | None = None
         self.intake: Intake | None = None
         self._sending: set[asyncio.Task[Any]] = set()
+        self._stopped = False
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """cleanup_ctx: runs after the store and clients are open, stops before they close."""
@@ -297,12 +298,19 @@ class WhatsAppChannel:
         self.intake = await Intake.open(settings.database_url, self.wake)
         await self.worker.start()
         yield
+        await self.stop()
+        await self.http.close()
+
+    async def stop(self) -> None:
+        """Stop answering (once): a message cut off here is answered after the restart."""
+        if self._stopped or not (self.intake and self.worker and self.sessions):
+            return  # stopped already, or never started
+        self._stopped = True
         await self.intake.close()
         await self.worker.stop()
         if self._sending:  # a message Twilio may already have: let its record land
             await asyncio.wait(self._sending, timeout=SEND_GRACE_S)
         await self.sessions.close_all()
-        await self.http.close()
 
     async def accept(self, arrival: Arrival) -> bool:
         """Store a webhook durably (before it is answered); False for a repeated MessageSid."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,42 @@ from gateway.sim.twilio import TwilioSimulator
 ACCOUNT_SID = "AC" + "ab" * 16
 AUTH_TOKEN = "test-auth-token"
 OPENAI_KEY = "sk-test-key"
+
+
+class _TracebackCatcher(logging.Handler):
+    """Every log record that carries a traceback, or says a task died unseen."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.caught: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        unseen = "exception was never retrieved" in message or "Traceback (most" in message
+        if record.exc_info or unseen:
+            self.caught.append(f"{record.name}: {message[:300]}\n{self.format(record)[-1500:]}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "allow_tracebacks: the test provokes a logged traceback on purpose"
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks_logged(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test whose run logs a traceback or "Task exception was never retrieved" fails:
+    every fault the gateway expects is handled and logged in one line; a traceback is a bug."""
+    catcher = _TracebackCatcher()
+    root = logging.getLogger()
+    root.addHandler(catcher)
+    try:
+        yield
+        gc.collect()  # a task that died unseen is reported when it is collected
+    finally:
+        root.removeHandler(catcher)
+    if catcher.caught and request.node.get_closest_marker("allow_tracebacks") is None:
+        pytest.fail("logged with a traceback:\n" + "\n---\n".join(catcher.caught), False)
 
 
 def free_port() -> int:

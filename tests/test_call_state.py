@@ -6,7 +6,9 @@ import orjson
 
 from gateway.call_state import (
     CallState,
+    CloseUpstream,
     EndCall,
+    Phase,
     RecordTurn,
     RecordUsage,
     SendRealtime,
@@ -20,6 +22,7 @@ SID = "MZ" + "0" * 32
 
 
 def start(state: CallState, now: float = 0.0):
+    state.upstream_opened(now)
     return state.on_twilio(
         {
             "event": "start",
@@ -189,8 +192,10 @@ def test_truncate_never_exceeds_the_audio_received():
 
 def test_wrong_upstream_format_ends_the_call():
     state = CallState()
-    [action] = state.on_realtime(session_updated(fmt="audio/pcm"), 0.0)
-    assert isinstance(action, EndCall)
+    start(state)
+    end, close = state.on_realtime(session_updated(fmt="audio/pcm"), 0.0)
+    assert isinstance(end, EndCall) and isinstance(close, CloseUpstream)
+    assert state.phase is Phase.ENDED
 
 
 def test_turn_latency_runs_from_end_of_speech_to_first_frame():
@@ -281,8 +286,8 @@ def test_dtmf_stop_usage_and_errors():
     assert state.on_realtime(benign, 0) == []
     [err] = state.on_realtime({"type": "error", "error": {"code": "boom", "message": "m"}}, 0)
     assert isinstance(err, UpstreamError)
-    [end] = state.on_twilio({"event": "stop", "streamSid": SID, "stop": {}}, 0)
-    assert isinstance(end, EndCall) and state.ended
+    end, close = state.on_twilio({"event": "stop", "streamSid": SID, "stop": {}}, 0)
+    assert isinstance(end, EndCall) and isinstance(close, CloseUpstream) and state.ended
 
 
 def test_hang_up_remembers_the_reply_as_far_as_it_was_heard():
@@ -303,4 +308,4 @@ def test_hang_up_remembers_the_reply_as_far_as_it_was_heard():
     actions = state.on_twilio({"event": "stop", "streamSid": SID, "stop": {}}, 0.5)
     [turn] = [a for a in actions if isinstance(a, RecordTurn)]
     assert turn.text == "um dois…" and turn.audio_ms == 500
-    assert isinstance(actions[-1], EndCall)
+    assert [type(a) for a in actions[-2:]] == [EndCall, CloseUpstream]

@@ -72,6 +72,7 @@ DEFAULT_REPLY = (
 
 ReplyFn = Callable[["SimSession", "ConvItem | None"], "str | Awaitable[str]"]
 TranscriptFn = Callable[["SimSession", "ConvItem"], str]
+MangleFn = Callable[[dict], Any]
 
 
 # ---- configuration ---------------------------------------------------------------------
@@ -103,6 +104,11 @@ class RealtimeSimConfig:
     send_conversation_created: bool = False  # the real server may or may not; don't rely on it
     send_item_created: bool = False  # legacy conversation.item.created next to .added
     record_audio: bool = True  # False (load tests): no input_audio, appends/deltas not recorded
+    # Fault knobs, for tests of what the gateway does when OpenAI misbehaves:
+    open_delay_s: float = 0.0  # the websocket upgrade is answered this late
+    refuse_sessions: int = 0  # this many upgrades are refused with HTTP 500 first
+    mangle: MangleFn | None = None  # (event) -> what is sent instead: any JSON value or raw text
+    drop_after_deltas: int | None = None  # each session's TCP dies after this many audio deltas
 
 
 # ---- audio formats and tables ----------------------------------------------------------
@@ -657,6 +663,8 @@ class SimSession:
         self.closed_at: float | None = None
         self.close_code: int | None = None
         self.appends_received = 0
+        self.deltas_sent = 0
+        self.frozen = False
         self._vad = EnergyVad()
         self._vad_params = vad_params(self.turn_detection, cfg)
         self._speech_item_id: str | None = None
@@ -765,11 +773,37 @@ class SimSession:
 
     # -- emitting --
 
+    def _wire(self, event: dict) -> str:
+        mangle = self.sim_config.mangle
+        if mangle is None:
+            return orjson.dumps(event).decode()
+        wire = mangle(_copy(event))
+        return wire if isinstance(wire, str) else orjson.dumps(wire).decode()
+
+    def inject(self, payload: Any) -> None:
+        """Fault injection: send any JSON value (or raw text) as if the server had."""
+        self.link.send(payload if isinstance(payload, str) else orjson.dumps(payload).decode())
+
+    def freeze(self) -> None:
+        """Fault injection: the server stops reading and writing, and never answers a close,
+        while its TCP connection stays up (a hung process behind a live load balancer)."""
+        self.frozen = True
+        for resp in self.responses:
+            if resp.task:
+                resp.task.cancel()
+        self._notify()
+
     def emit(self, event_type: str, **fields: Any) -> dict:
         event = {"type": event_type, "event_id": new_id("event"), **fields}
-        payload = orjson.dumps(event).decode()
-        self.link.send(payload)
         audio_event = event_type == "response.output_audio.delta"
+        if self.frozen:
+            return event  # a frozen server says nothing more
+        self.link.send(self._wire(event))
+        if audio_event:
+            self.deltas_sent += 1
+            limit = self.sim_config.drop_after_deltas
+            if limit is not None and self.deltas_sent == limit:
+                asyncio.get_running_loop().call_soon(self.abort)
         if self.sim_config.record_audio or not audio_event:
             self.sent.append(Timed(time.monotonic(), event))
         if event_type == "error":
@@ -1486,6 +1520,7 @@ class RealtimeSimulator:
         self.host = "127.0.0.1"
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
+        self._refused = 0
 
     @property
     def base_url(self) -> str:
@@ -1527,7 +1562,10 @@ class RealtimeSimulator:
         await self.close()
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        live = [s for s in self.sessions if not s.closed]
+        for session in self.sessions:
+            if session.frozen and not session.closed:
+                session.abort()
+        live = [s for s in self.sessions if not s.closed and not s.frozen]
         with contextlib.suppress(Exception):
             await asyncio.gather(*(s.drop(1001, "Server shutting down") for s in live))
 
@@ -1554,6 +1592,11 @@ class RealtimeSimulator:
                 _openai_error("Missing required parameter: 'model'.", "missing_required_parameter"),
                 status=400,
             )
+        if self._refused < self.config.refuse_sessions:
+            self._refused += 1
+            return web.json_response(_openai_error("The server had an error."), status=500)
+        if self.config.open_delay_s > 0:
+            await asyncio.sleep(self.config.open_delay_s)
         ws = web.WebSocketResponse(compress=False, max_msg_size=40 * MiB, timeout=2.0)
         if not ws.can_prepare(request).ok:
             return web.json_response(_openai_error("Expected a WebSocket upgrade."), status=400)
@@ -1582,6 +1625,8 @@ class RealtimeSimulator:
         else:
             session.start()
         async for msg in ws:
+            if session.frozen:
+                await asyncio.Event().wait()  # hung: nothing is read again, not even a close
             if msg.type == WSMsgType.TEXT:
                 session.handle_text(msg.data)
             elif msg.type == WSMsgType.BINARY:
