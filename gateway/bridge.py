@@ -110,8 +110,22 @@ class LinkPolicy:
         return self.reconnect_delays_s[attempt - 1]
 
     def connection_options(self) -> dict[str, Any]:
-        # websockets' own bounds, so even the SDK's internal closes cannot wait 10 s.
-        return {"open_timeout": self.open_timeout_s, "close_timeout": self.close_timeout_s}
+        """websockets' own bounds: even the SDK's internal closes cannot wait 10 s, and a peer
+        that stops answering pings is dropped within 2 x stall_s, whether or not an answer is
+        owed (the core's watchdog covers the owed case within stall_s)."""
+        return {
+            "open_timeout": self.open_timeout_s,
+            "close_timeout": self.close_timeout_s,
+            "ping_interval": self.stall_s,
+            "ping_timeout": self.stall_s,
+        }
+
+
+@dataclass(frozen=True)
+class NotJson:
+    """A frame from upstream that does not parse; its start, for the log."""
+
+    preview: bytes
 
 
 class UpstreamClosed(Exception):
@@ -220,15 +234,17 @@ class RealtimeSession:
             raise UpstreamClosed(str(err)) from err
 
     async def recv(self) -> Any:
-        """The next event, parsed (any JSON value: callers check its shape)."""
+        """The next event, parsed: any JSON value, or `NotJson` (callers check the shape and
+        log with their own id)."""
         try:
-            return orjson.loads(await self._conn.recv_bytes())
-        except orjson.JSONDecodeError:
-            log.warning("upstream sent a frame that is not JSON; skipped")
-            return {"type": "gateway.invalid_json"}
+            frame = await self._conn.recv_bytes()
         except Exception as err:
             self.closed = True
             raise UpstreamClosed(f"{type(err).__name__}: {err}") from err
+        try:
+            return orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return NotJson(bytes(frame[:80]))
 
     async def close(self) -> None:
         """Close handshake bounded by `close_timeout_s`; past it the socket is cut."""

@@ -202,7 +202,8 @@ class _Item:
     received: int = 0  # bytes of audio the model sent us
     queued: int = 0  # bytes handed to Twilio (whole frames)
     played: int = 0  # bytes Twilio confirmed played (echoed marks)
-    text: str | None = None  # the model's transcript of the item
+    text: str | None = None  # the model's transcript of the item, once it is whole
+    partial: str = ""  # the transcript so far, from its deltas
     audio_done: bool = False
     recorded: bool = False
     timing: TurnTiming | None = None
@@ -380,6 +381,8 @@ class CallState:
             if self.phase is Phase.ENDED or not isinstance(kind, str):
                 return []
             self._heard_from_upstream = now
+            if kind == "session.updated":  # answered, even if its content turns out unusable
+                self._owed.discard("session")
             if self.phase is Phase.ENDING:
                 handler = _ENDING_HANDLERS.get(kind)
                 actions = handler(self, event, now) if handler else []
@@ -400,7 +403,6 @@ class CallState:
         self.interrupt_response = turn.get("interrupt_response") is True
         silence = turn.get("silence_duration_ms")
         self.vad_silence_ms = silence if isinstance(silence, int) and silence > 0 else 0
-        self._owed.discard("session")
         self._attempt = 0  # a session that answers is alive: the backoff starts over
         if formats != (self.expected_format, self.expected_format):
             log.error("session formats %s, expected %s: ending call", formats, self.expected_format)
@@ -414,11 +416,11 @@ class CallState:
         return []
 
     def _on_response_done(self, event: dict[str, Any], now: float) -> list[Action]:
+        self._owed.difference_update(("response", "done"))  # whichever it was, it is over
         response = _obj(event, "response")
         rid = _text(response, "id", required=False) or None
         if rid == self._active_response:
             self._active_response = None
-            self._owed.discard("done")
         usage = response.get("usage")
         if not usage:
             return []
@@ -428,6 +430,7 @@ class CallState:
         return [RecordUsage(rid, usage, audio // MULAW_BYTES_PER_MS)]
 
     def _on_audio_delta(self, event: dict[str, Any], now: float) -> list[Action]:
+        self._owed.discard("response")  # it is streaming, whatever response.created said
         response_id = _text(event, "response_id")
         item_id = _text(event, "item_id")
         audio = _b64(_text(event, "delta"), "delta")
@@ -459,6 +462,16 @@ class CallState:
         if self.phase is Phase.ENDING:  # the phone is gone: keep what it had played
             return [] if item.recorded else self._record_assistant(item, _heard_part(item))
         return self._maybe_record(item)
+
+    def _on_transcript_delta(self, event: dict[str, Any], now: float) -> list[Action]:
+        response_id = _text(event, "response_id")
+        item_id = _text(event, "item_id")
+        delta = _text(event, "delta")
+        if response_id not in self._dropped_responses:
+            item = self._item_for(item_id, response_id)
+            if len(item.partial) < 20_000:
+                item.partial += delta
+        return []
 
     def _maybe_record(self, item: _Item) -> list[Action]:
         """An assistant turn is recorded once the phone has played all of it."""
@@ -522,7 +535,7 @@ class CallState:
         self._chunker.reset()
         if item is not None:
             actions += self._forget_unheard(item)
-            if not item.recorded and item.text:
+            if not item.recorded and _words(item):
                 actions += self._record_assistant(item, _heard_part(item))
         return actions
 
@@ -569,8 +582,7 @@ class CallState:
         response.create that greets the caller, sent only on the first session."""
         if self.ended:
             return [CloseUpstream("the call ended while the session was opening")]
-        first = self.upstream is Upstream.OPENING
-        if not first:
+        if self.upstream is not Upstream.OPENING:
             self._session_replaced()
             if self._rotating:
                 self.rotations += 1
@@ -579,10 +591,15 @@ class CallState:
         self.upstream, self._upstream_since, self._rotating = Upstream.LIVE, now, False
         self._owed.clear()
         self._owe("session", now)
-        if first and greeting is not None:
+        if greeting is not None and self.greeting_due:
             self._owe("response", now)
             return [SendRealtime(greeting)]
         return []
+
+    @property
+    def greeting_due(self) -> bool:
+        """No reply has reached us yet: a session opened now should greet the caller."""
+        return not self._items
 
     def upstream_open_failed(self, now: float, reason: str) -> list[Action]:
         if self._rotating:  # the old session still works; try again a little later
@@ -643,6 +660,10 @@ class CallState:
             return []
         self.end_reason = reason
         actions = [*self._record_unfinished(now), EndCall(reason)]
+        if self.caller_speaking and self.upstream is Upstream.LIVE:
+            # No more audio will come to end the turn: commit it, so its words are kept.
+            actions.append(SendRealtime({"type": "input_audio_buffer.commit"}))
+            self._awaiting_commit = True
         self.phase = Phase.ENDING
         self._ending_deadline = now + self.transcript_grace_s
         return actions + self._finish_if_settled()
@@ -689,7 +710,7 @@ class CallState:
                 item.played = max(item.played, self._position_in(playing, now))
         actions: list[Action] = []
         for item in self._items.values():
-            if not item.recorded and item.text and item.queued > 0:
+            if not item.recorded and _words(item) and item.queued > 0:
                 actions += self._record_assistant(item, _heard_part(item))
         return actions
 
@@ -778,9 +799,15 @@ def _kind(message: Any, key: str) -> str:
     return value[:60] if isinstance(value, str) else "?"
 
 
+def _words(item: _Item) -> str:
+    return item.text if item.text is not None else item.partial
+
+
 def _heard_part(item: _Item) -> str:
-    """The words the caller heard, cut in proportion to the audio played, marked as cut."""
-    text = item.text or ""
+    """The words the caller heard, cut in proportion to the audio played, marked as cut.
+
+    Before the transcript is whole, its deltas so far stand for the audio received so far."""
+    text = _words(item)
     if item.received <= 0:
         return ""
     share = min(1.0, item.played / item.received)
@@ -796,6 +823,7 @@ _REALTIME_HANDLERS = {
     "response.done": CallState._on_response_done,
     "response.output_audio.delta": CallState._on_audio_delta,
     "response.output_audio.done": CallState._on_audio_done,
+    "response.output_audio_transcript.delta": CallState._on_transcript_delta,
     "response.output_audio_transcript.done": CallState._on_transcript_done,
     "input_audio_buffer.committed": CallState._on_committed,
     "conversation.item.input_audio_transcription.completed": CallState._on_user_transcript,

@@ -98,6 +98,7 @@ class LiveCall:
         self._opening: asyncio.Task[None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._greeting_observed = False
+        self._memory_loaded = False
         self._inbound_timer = FrameTimer("inbound")
         self._outbound_timer = FrameTimer("outbound")
 
@@ -128,8 +129,9 @@ class LiveCall:
             return
         first = self.state.upstream is Upstream.OPENING
         try:
-            if first and self.person is not None:
+            if not self._memory_loaded and self.person is not None:
                 self.memory = await load_memory(self.rt.store, self.person)
+                self._memory_loaded = True
             instructions = self._instructions()
             session = await RealtimeSession.open(
                 self.rt.openai,
@@ -146,7 +148,7 @@ class LiveCall:
             await self.perform(self.state.upstream_open_failed(self.clock(), str(err)))
             return
         old, self.session = self.session, session
-        greeting = self._greeting(instructions) if first else None
+        greeting = self._greeting(instructions) if self.state.greeting_due else None
         await self.perform(self.state.upstream_opened(self.clock(), greeting))
         if old is not None and old is not session:
             self._spawn(old.close())  # rotated out, or already dead: bounded either way

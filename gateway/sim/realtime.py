@@ -1597,6 +1597,8 @@ class RealtimeSimulator:
             return web.json_response(_openai_error("The server had an error."), status=500)
         if self.config.open_delay_s > 0:
             await asyncio.sleep(self.config.open_delay_s)
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=499)  # the client gave up waiting
         ws = web.WebSocketResponse(compress=False, max_msg_size=40 * MiB, timeout=2.0)
         if not ws.can_prepare(request).ok:
             return web.json_response(_openai_error("Expected a WebSocket upgrade."), status=400)
