@@ -626,6 +626,8 @@ class Link(Protocol):
 
     def abort(self) -> None: ...
 
+    def pause(self) -> None: ...
+
 
 class SimSession:
     """One Realtime connection: state, protocol handling and test helpers."""
@@ -788,6 +790,7 @@ class SimSession:
         """Fault injection: the server stops reading and writing, and never answers a close,
         while its TCP connection stays up (a hung process behind a live load balancer)."""
         self.frozen = True
+        self.link.pause()
         for resp in self.responses:
             if resp.task:
                 resp.task.cancel()
@@ -1478,6 +1481,12 @@ class _WsLink:
         self.close_code = code
         await self.ws.close(code=code, message=message.encode())
 
+    def pause(self) -> None:
+        """Stop reading the socket: the peer's frames (a close, a ping) are never seen."""
+        transport = self.request.transport
+        if transport is not None:
+            transport.pause_reading()
+
     def abort(self) -> None:
         self.writer.cancel()
         self.close_code = 1006
@@ -1628,7 +1637,7 @@ class RealtimeSimulator:
             session.start()
         async for msg in ws:
             if session.frozen:
-                await asyncio.Event().wait()  # hung: nothing is read again, not even a close
+                continue  # read before the freeze: a hung server never handles it
             if msg.type == WSMsgType.TEXT:
                 session.handle_text(msg.data)
             elif msg.type == WSMsgType.BINARY:
