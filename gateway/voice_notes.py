@@ -180,6 +180,7 @@ class ReplyCollector:
         self.usage: dict[str, Any] | None = None
         self.error: str | None = None
         self.protocol_errors = 0
+        self._created_unusable = False  # response.created came without a usable id
 
     @property
     def finished(self) -> bool:
@@ -220,10 +221,16 @@ class ReplyCollector:
 
     def _on_response_created(self, event: dict[str, Any]) -> None:
         if self.response_id is None:  # one response at a time: the first one is ours
-            self.response_id = (event.get("response") or {}).get("id")
+            response = event.get("response")
+            rid = response.get("id") if isinstance(response, dict) else None
+            self.response_id = rid if isinstance(rid, str) else None
+            self._created_unusable = self.response_id is None
 
     def _ours(self, event: dict[str, Any]) -> bool:
-        return self.response_id is not None and event.get("response_id") == self.response_id
+        rid = event.get("response_id")
+        if self.response_id is None and self._created_unusable and isinstance(rid, str):
+            self.response_id = rid  # its response.created was unusable; one runs at a time
+        return self.response_id is not None and rid == self.response_id
 
     def _on_response_output_audio_delta(self, event: dict[str, Any]) -> None:
         if self._ours(event):
@@ -239,6 +246,12 @@ class ReplyCollector:
 
     def _on_response_done(self, event: dict[str, Any]) -> None:
         response = event.get("response") or {}
+        if (
+            self.response_id is None
+            and self._created_unusable
+            and isinstance(response.get("id"), str)
+        ):
+            self.response_id = response["id"]
         if response.get("id") != self.response_id:
             return
         self.status = str(response.get("status") or "failed")
