@@ -204,6 +204,7 @@ class _Item:
     played: int = 0  # bytes Twilio confirmed played (echoed marks)
     text: str | None = None  # the model's transcript of the item, once it is whole
     partial: str = ""  # the transcript so far, from its deltas
+    cut: bool = False  # its session was lost before the reply was whole
     audio_done: bool = False
     recorded: bool = False
     timing: TurnTiming | None = None
@@ -485,6 +486,8 @@ class CallState:
         item.recorded = True
         if not text:
             return []
+        if item.cut and not text.endswith("…"):
+            text = f"{text.rstrip()}…"
         self.transcript.append(("assistant", text))
         timing = item.timing
         return [
@@ -614,7 +617,7 @@ class CallState:
             return []
         if self.phase is Phase.ENDING:
             return self._finish("upstream gone while ending")
-        actions = self._record_unfinished(now)
+        actions = self._orphan_items()
         self._attempt += 1
         delay = self.policy.reconnect_delay(self._attempt)
         if delay is None:
@@ -700,6 +703,19 @@ class CallState:
             if len(self._items) > 64:
                 self._items.pop(next(iter(self._items)))
         return item
+
+    def _orphan_items(self) -> list[Action]:
+        """The lost session's replies will get no more audio or transcript: each is remembered
+        with the words that came, once the phone has played the audio that came."""
+        actions: list[Action] = []
+        for item in self._items.values():
+            if item.recorded or (item.audio_done and item.text is not None):
+                continue
+            item.audio_done, item.cut = True, True
+            if item.text is None:
+                item.text = item.partial
+            actions += self._maybe_record(item)
+        return actions
 
     def _record_unfinished(self, now: float) -> list[Action]:
         """Replies still on the phone are remembered as far as they were heard."""

@@ -190,6 +190,8 @@ async def test_a_drop_mid_reply_keeps_what_was_heard_and_the_call_goes_on(
         await caller.wait_playback_idle(quiet_s=0.3)
         await a_turn_is_answered(caller, seed=8)
     assert first.errors == [] and second.errors == []
+    cut = await eventually(lambda: [t for t in stored_turns(gateway) if t[1].endswith("…")])
+    assert sim_config.reply_text.startswith(cut[0][1][:-1])  # the part heard before the drop
 
 
 async def test_an_error_at_session_open_is_retried_and_the_caller_is_greeted(
@@ -308,7 +310,7 @@ async def test_the_callers_last_words_are_kept_when_they_hang_up_at_once(
 
 @pytest.mark.parametrize(
     "parameters",
-    [[], "token", None, {"token": 5}, {"token": None}],
+    [["token", "x"], "token", None, {"token": 5}, {"token": None}],
     ids=["list", "string", "null", "int token", "null token"],
 )
 async def test_a_start_with_wrongly_typed_parameters_is_refused_cleanly(
