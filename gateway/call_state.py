@@ -277,7 +277,7 @@ class CallState:
         self._append_times: list[float] = []
         self._pending_turn: TurnTiming | None = None
         # upstream lifecycle
-        self._upstream_since = 0.0
+        self._rotate_at = float("inf")  # when the session is old enough to be replaced
         self._attempt = 0  # reconnects since the upstream last proved alive
         self._rotating = False
         self._rotate_not_before = 0.0
@@ -296,14 +296,16 @@ class CallState:
     # Twilio side
     def on_twilio(self, msg: Any, now: float) -> list[Action]:
         try:
-            if not isinstance(msg, dict):
+            if type(msg) is not dict:
                 raise _Bad(f"message is {type(msg).__name__}, not an object")
             kind = msg.get("event")
+            if kind == "media":  # 50 a second: checked inline, cheapest first
+                if self.phase is not _STREAMING:
+                    return []
+                actions = self._on_media(msg, now)
+                return self._clock(now, actions) if self.upstream is _LIVE else actions
             if self.ended:
                 return []
-            if kind == "media":
-                actions = self._on_media(msg, now)
-                return self._clock(now, actions) if self.upstream is Upstream.LIVE else actions
             if kind == "mark":
                 return self._on_mark(msg, now)
             if kind == "start":
@@ -334,14 +336,20 @@ class CallState:
         return actions
 
     def _on_media(self, msg: dict[str, Any], now: float) -> list[Action]:
-        media = _obj(msg, "media")
-        if _text(media, "track", required=False) not in ("", "inbound"):
+        media = msg.get("media")
+        if type(media) is not dict:
+            raise _Bad(f"media is {type(media).__name__}, not an object")
+        payload = media.get("payload")
+        if type(payload) is not str:
+            raise _Bad(f"media.payload is {type(payload).__name__}, not a string")
+        track = media.get("track")
+        if (track is not None and track != "inbound") or not payload:
             return []
-        payload = _text(media, "payload")
-        if not payload or self.phase is not Phase.STREAMING:
-            return []
-        size = len(_b64(payload, "media.payload"))
-        if self.upstream is not Upstream.LIVE:
+        try:
+            size = len(binascii.a2b_base64(payload, strict_mode=True))
+        except binascii.Error as err:
+            raise _Bad(f"media.payload is not base64 ({err})") from None
+        if self.upstream is not _LIVE:
             return []  # nobody to hear it, and nothing billed while we reconnect
         self._appended_bytes += size
         self._append_ends.append(self._appended_bytes // MULAW_BYTES_PER_MS)
@@ -591,7 +599,8 @@ class CallState:
                 self.rotations += 1
             else:
                 self.reconnects += 1
-        self.upstream, self._upstream_since, self._rotating = Upstream.LIVE, now, False
+        self.upstream, self._rotating = Upstream.LIVE, False
+        self._rotate_at = now + self.policy.max_age_s
         self._owed.clear()
         self._owe("session", now)
         if greeting is not None and self.greeting_due:
@@ -639,12 +648,9 @@ class CallState:
         if self._owed and now - self._heard_from_upstream > self.policy.stall_s:
             owed = ", ".join(sorted(self._owed))
             return actions + self.upstream_lost(now, f"stalled: no event for {owed}")
-        if (
-            not self._rotating
-            and now - self._upstream_since > self.policy.max_age_s
-            and now >= self._rotate_not_before
-            and self.quiet
-        ):
+        if now < self._rotate_at or self._rotating:
+            return actions
+        if now >= self._rotate_not_before and self.quiet:
             self._rotating = True
             actions.append(OpenUpstream(0.0, "session age", replace=False))
         return actions
@@ -808,6 +814,7 @@ class CallState:
 
 
 _APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":'
+_STREAMING, _LIVE = Phase.STREAMING, Upstream.LIVE
 
 
 def _kind(message: Any, key: str) -> str:

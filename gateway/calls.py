@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 # Twilio sends `connected` and `start` at once; a silent socket is not Twilio.
 START_TIMEOUT_S = 10.0
-TICK_S = 0.25  # the core's clock when no message arrives (stall watchdog, end deadline)
+TICK_S = 0.5  # the core's clock when no message arrives (stall watchdog, end deadline)
 PHONE_CLOSE_TIMEOUT_S = 1.0  # Twilio answers a close at once; a dead peer is cut after this
 LOGGED_PROTOCOL_ERRORS = 5  # per call; the rest are counted in /metrics only
 
