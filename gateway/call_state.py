@@ -347,7 +347,7 @@ class CallState:
             return []
         try:
             size = len(binascii.a2b_base64(payload, strict_mode=True))
-        except binascii.Error as err:
+        except ValueError as err:  # binascii.Error, or a character that is not ASCII
             raise _Bad(f"media.payload is not base64 ({err})") from None
         if self.upstream is not _LIVE:
             return []  # nobody to hear it, and nothing billed while we reconnect

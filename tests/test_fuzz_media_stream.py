@@ -26,7 +26,21 @@ from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 PUBLIC = "https://gw.example.test"
 MESSAGES = int(os.environ.get("FUZZ_MESSAGES", "2000"))
 SEED = int(os.environ.get("FUZZ_SEED", "20261202"))
-JUNK: list[Any] = [None, True, 0, -1, 2**63, 3.5, "", "x" * 300, [], [1, "a"], {}, {"a": None}]
+JUNK: list[Any] = [
+    None,
+    True,
+    0,
+    -1,
+    2**63,
+    3.5,
+    "",
+    "x" * 300,
+    "é\x80",
+    [],
+    [1, "a"],
+    {},
+    {"a": None},
+]
 
 
 @pytest.fixture
