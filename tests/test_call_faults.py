@@ -31,7 +31,7 @@ GREETING = "Olá, tudo bem? Aqui é o Endrigo."
 @pytest.fixture
 def sim_config() -> RealtimeSimConfig:
     return RealtimeSimConfig(
-        first_audio_latency_ms=60, speed=8.0, ms_per_char=30, reply_text=GREETING
+        first_audio_latency_ms=60, speed=8.0, ms_per_char=12, reply_text=GREETING
     )
 
 
