@@ -283,6 +283,8 @@ class LiveCall:
             self._opening.cancel()  # an open that completes now would bill a greeting
         if self.session is not None:
             self._spawn(self.session.close())
+        if self.finished.is_set():
+            return  # a session that opened after the end: closed above, nothing else to do
         if self._ticker is not None:
             self._ticker.cancel()
         if self.conversation_id is not None and self.rt.store is not None:

@@ -222,6 +222,13 @@ def _check_twilio_pair(sid: str | None, token: str | None) -> None:
 
 
 def _database_url(value: str) -> str:
+    path = value.removeprefix("sqlite:///")
+    if value.startswith("sqlite:///") and (path == ":memory:" or "mode=memory" in path):
+        # The webhook intake opens its own connection, which would get a private, empty
+        # database: every message would be acknowledged and never answered.
+        raise SettingsError(
+            "DATABASE_URL", "an in-memory SQLite database is not supported; give a file path"
+        )
     if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
         return value
     if value.startswith(("postgresql://", "postgres://")):

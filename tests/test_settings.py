@@ -43,6 +43,10 @@ def test_realtime_ws_url_is_derived_from_the_sdk_base_url():
         ({"TWILIO_ACCOUNT_SID": "XX1", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID"),
         ({"DATABASE_URL": "postgresql://db/x"}, "DATABASE_URL"),
         ({"DATABASE_URL": "mysql://db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:///file:x?mode=memory&cache=shared"}, "DATABASE_URL"),
+        ({"REALTIME_STALL_S": "0"}, "REALTIME_STALL_S"),
+        ({"CALL_SESSION_ROTATE_S": "9999"}, "CALL_SESSION_ROTATE_S"),
         ({"REALTIME_VOICE": "nova"}, "REALTIME_VOICE"),
         ({"REALTIME_VOICE": "voice_"}, "REALTIME_VOICE"),
         ({"VAD_THRESHOLD": "2"}, "VAD_THRESHOLD"),
@@ -54,6 +58,13 @@ def test_a_bad_value_names_its_variable(env, variable):
         Settings.from_env(env)
     assert err.value.variable == variable
     assert str(err.value).startswith(variable)
+
+
+def test_the_session_age_has_one_setting_and_its_old_name_still_works():
+    assert Settings.from_env({}).realtime_session_max_s == 3300
+    assert Settings.from_env({"CALL_SESSION_ROTATE_S": "120"}).realtime_session_max_s == 120
+    both = {"CALL_SESSION_ROTATE_S": "120", "REALTIME_SESSION_MAX_S": "60"}
+    assert Settings.from_env(both).realtime_session_max_s == 60
 
 
 def test_secrets_never_appear_in_repr():
