@@ -91,7 +91,10 @@ def setup_logging(level: str = "INFO", json_lines: bool | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # The SDKs log request URLs and headers at DEBUG; keep them quiet so no secret leaks.
-    for noisy in ("twilio", "openai", "httpx", "websockets", "aiohttp.access"):
+    # aiosqlite logs every statement with its parameters (numbers, texts, transcripts, audio).
+    noisy_loggers = ("twilio", "openai", "httpx", "httpx2", "httpcore", "httpcore2", "websockets",
+                     "aiohttp.access", "aiosqlite")  # fmt: skip
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

@@ -46,9 +46,8 @@ async def start_process(env: dict[str, str], url: str) -> asyncio.subprocess.Pro
             await asyncio.sleep(0.1)
 
 
-async def test_sigterm_with_a_frozen_upstream_exits_in_time_and_loses_nothing(
-    tmp_path, realtime_sim, twilio_sim, sim_config
-):
+def gateway_env(tmp_path, realtime_sim, twilio_sim) -> tuple[dict[str, str], str]:
+    """The environment of a gateway process pointed at the simulators, and its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
@@ -62,6 +61,13 @@ async def test_sigterm_with_a_frozen_upstream_exits_in_time_and_loses_nothing(
         "PORT": str(port),
         "PUBLIC_BASE_URL": url,
     }
+    return env, url
+
+
+async def test_sigterm_with_a_frozen_upstream_exits_in_time_and_loses_nothing(
+    tmp_path, realtime_sim, twilio_sim, sim_config
+):
+    env, url = gateway_env(tmp_path, realtime_sim, twilio_sim)
     proc = await start_process(env, url)
     callers = [
         SimulatedCaller(url, url, AUTH_TOKEN, ACCOUNT_SID, from_number=f"+551699999100{i}")
