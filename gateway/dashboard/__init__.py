@@ -110,8 +110,11 @@ def _session_value(token: str) -> str:
 
 
 def _same(presented: str, expected: str) -> bool:
-    # Bytes, because compare_digest refuses non-ASCII str (a TypeError an attacker could send).
-    return hmac.compare_digest(presented.encode(), expected.encode())
+    # Bytes, because compare_digest refuses non-ASCII str (a TypeError an attacker could send);
+    # surrogateescape, because aiohttp decodes header bytes that are not UTF-8 that way.
+    return hmac.compare_digest(
+        presented.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 def _refuse(status: int, message: str) -> web.Response:
