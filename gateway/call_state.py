@@ -366,8 +366,8 @@ class CallState:
 
     def _on_mark(self, msg: dict[str, Any], now: float) -> list[Action]:
         name = _text(_obj(msg, "mark"), "name")
-        if not name.isdigit():
-            return []  # not one of ours
+        if not (name.isascii() and name.isdigit() and len(name) <= 20):
+            return []  # not one of ours ("²" is a digit to isdigit, not to int)
         number = int(name)
         # Marks cleared by a barge-in come back too; they are older than anything pending.
         finished: list[Action] = []

@@ -16,7 +16,7 @@ import copy
 import os
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.call_state import CallState, Phase, SendRealtime, SendRealtimeRaw, SendTwilio
@@ -137,6 +137,9 @@ steps = st.lists(
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(steps=steps, dt=st.floats(0.0, 0.3))
+# Found by a longer fuzz run: names isdigit() accepts and int() refuses.
+@example(steps=[("twilio", {"event": "mark", "mark": {"name": "²"}})], dt=0.1)
+@example(steps=[("twilio", {"event": "mark", "mark": {"name": "1" * 4301}})], dt=0.1)
 def test_the_call_core_survives_anything_and_keeps_its_promises(steps, dt) -> None:
     state = CallState()
     state.upstream_opened(0.0, {"type": "response.create", "response": {}})

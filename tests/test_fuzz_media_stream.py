@@ -36,6 +36,8 @@ JUNK: list[Any] = [
     "",
     "x" * 300,
     "é\x80",
+    "²",  # a digit to str.isdigit, not to int: once crashed the mark handler
+    "1" * 4301,
     [],
     [1, "a"],
     {},
