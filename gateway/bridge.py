@@ -198,12 +198,8 @@ class RealtimeSession:
         return opened
 
     @property
-    def age_s(self) -> float:
-        return time.monotonic() - self.opened_at
-
-    @property
     def expired(self) -> bool:
-        return self.age_s >= self.policy.max_age_s
+        return time.monotonic() - self.opened_at >= self.policy.max_age_s
 
     async def send(self, event: dict[str, Any]) -> None:
         if self.closed:

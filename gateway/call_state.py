@@ -181,7 +181,7 @@ def _whole(parent: dict[str, Any], key: str) -> int:
 def _b64(value: str, what: str) -> bytes:
     try:
         return binascii.a2b_base64(value, strict_mode=True)
-    except (binascii.Error, ValueError) as err:
+    except ValueError as err:  # binascii.Error, or a character that is not ASCII
         raise _Bad(f"{what} is not base64 ({err})") from None
 
 
@@ -251,7 +251,6 @@ class CallState:
     call_sid: str | None = None
     started_at: float | None = None
     greeting_ms: float | None = None
-    end_reason: str | None = None
     transcript: list[tuple[str, str]] = field(default_factory=list)
     turns: list[TurnTiming] = field(default_factory=list)
     frames_sent: int = 0
@@ -345,10 +344,7 @@ class CallState:
         track = media.get("track")
         if (track is not None and track != "inbound") or not payload:
             return []
-        try:
-            size = len(binascii.a2b_base64(payload, strict_mode=True))
-        except ValueError as err:  # binascii.Error, or a character that is not ASCII
-            raise _Bad(f"media.payload is not base64 ({err})") from None
+        size = len(_b64(payload, "media.payload"))
         if self.upstream is not _LIVE:
             return []  # nobody to hear it, and nothing billed while we reconnect
         self._appended_bytes += size
@@ -667,7 +663,6 @@ class CallState:
         caller's last transcript."""
         if self.ended:
             return []
-        self.end_reason = reason
         actions = [*self._record_unfinished(now), EndCall(reason)]
         if self.caller_speaking and self.upstream is Upstream.LIVE:
             # No more audio will come to end the turn: commit it, so its words are kept.
@@ -695,10 +690,6 @@ class CallState:
         live = self.upstream in (Upstream.LIVE, Upstream.OPENING)
         self.upstream = Upstream.GONE
         return [CloseUpstream(reason)] if live else []
-
-    @property
-    def ending_deadline(self) -> float | None:
-        return self._ending_deadline if self.phase is Phase.ENDING else None
 
     # helpers
     def _item_for(self, item_id: str, response_id: str) -> _Item:

@@ -19,7 +19,14 @@ import orjson
 from aiohttp import WSMsgType, web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from gateway.bridge import LinkPolicy, RealtimeSession, UpstreamClosed, call_session, pump
+from gateway.bridge import (
+    LinkPolicy,
+    NotJson,
+    RealtimeSession,
+    UpstreamClosed,
+    call_session,
+    pump,
+)
 from gateway.call_state import (
     Action,
     CallState,
@@ -105,14 +112,6 @@ class LiveCall:
     @property
     def reconnects(self) -> int:
         return self.state.reconnects
-
-    @property
-    def rotations(self) -> int:
-        return self.state.rotations
-
-    @property
-    def ended(self) -> bool:
-        return self.state.ended
 
     # upstream
     def open_upstream(self) -> None:
@@ -522,25 +521,19 @@ async def _wait_for_start(
 async def _relay(ws: web.WebSocketResponse, call: LiveCall) -> None:
     async for msg in ws:
         if msg.type == WSMsgType.TEXT:
-            data = _parse(msg.data)
-            if data is _NOT_JSON:
-                call._protocol_error(ProtocolError("twilio", "a frame that is not JSON"))
-                continue
-            await call.on_twilio(data)
+            await call.on_twilio(_parse(msg.data))  # the core reports what it cannot use
             if call.state.ended:
                 return
         elif msg.type == WSMsgType.BINARY:
             call._protocol_error(ProtocolError("twilio", "a binary frame"))
 
 
-_NOT_JSON = object()
-
-
 def _parse(text: str) -> Any:
+    """Any JSON value, or `NotJson`, as the bridge gives upstream frames: the core checks."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return _NOT_JSON
+        return NotJson(text[:80].encode())
 
 
 def setup(app: web.Application, claim_timeout_s: float) -> None:
