@@ -230,6 +230,9 @@ class LiveCall:
         if not self._greeting_observed and self.state.greeting_ms is not None:
             self._greeting_observed = True
             GREETING.observe(self.state.greeting_ms / 1000)
+            if self.conversation_id is not None:
+                ms, conversation = self.state.greeting_ms, self.conversation_id
+                self._spawn(self.rt.store.set_greeting_latency(conversation, ms))
 
     def _protocol_error(self, error: ProtocolError) -> None:
         ERRORS.labels(f"{error.source}_protocol").inc()
@@ -301,22 +304,16 @@ class LiveCall:
             UPSTREAM_FIRST_AUDIO.observe(turn.upstream_first_audio_ms / 1000)
         if self.conversation_id is None or self.rt.store is None:
             return
-        latency = turn.response_latency_ms
-        if turn.role == "assistant" and latency is None and not self._greeted():
-            latency = self.state.greeting_ms  # the greeting's latency is from stream start
         self._spawn(
             self.rt.store.add_turn(
                 self.conversation_id,
                 turn.role,
                 turn.text,
                 audio_ms=turn.audio_ms,
-                response_latency_ms=latency,
+                response_latency_ms=turn.response_latency_ms,
                 upstream_first_audio_ms=turn.upstream_first_audio_ms,
             )
         )
-
-    def _greeted(self) -> bool:
-        return sum(1 for role, _ in self.state.transcript if role == "assistant") > 1
 
     def _record_usage(self, usage: RecordUsage) -> None:
         if self.person is None or self.rt.store is None:

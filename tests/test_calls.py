@@ -240,7 +240,9 @@ async def test_turns_transcripts_and_latency_are_stored_with_the_person(gateway,
         "SELECT response_latency_ms, upstream_first_audio_ms FROM turns "
         "WHERE role = 'assistant' ORDER BY id"
     ).fetchall()[:2]
-    assert greeting[0] is not None and greeting[0] >= 0  # stream start -> first frame
+    assert greeting[0] is None  # a greeting answers no speech: its latency is the call's
+    (greeting_ms,) = db.execute("SELECT greeting_latency_ms FROM conversations").fetchone()
+    assert greeting_ms is not None and greeting_ms >= 0  # stream start -> first frame
     assert reply[0] > reply[1] > 0  # end of speech -> first frame includes the upstream's share
 
 

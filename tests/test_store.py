@@ -1,9 +1,12 @@
+import asyncio
 import sqlite3
 
+import aiosqlite
 import pytest
 
 from gateway.store import Store, normalize_number
-from gateway.store.migrations import available
+from gateway.store.connection import Connection
+from gateway.store.migrations import available, migrate
 
 
 @pytest.fixture
@@ -79,3 +82,86 @@ async def test_ping_fails_on_a_closed_store(tmp_path):
     assert await s.ping()
     await s.close()
     assert not await s.ping()
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_a_transaction_takes_in_no_other_tasks_statement_and_rolls_back_only_its_own(
+    store,
+):
+    p = await store.person_for("+5516999990001")
+    conv = await store.start_conversation(p.id, "call")
+    inside = asyncio.Event()
+
+    async def failing_transaction() -> None:
+        async with store.transaction():
+            await store.add_turn(conv, "user", "rolled back")  # joins the transaction
+            inside.set()
+            await asyncio.sleep(0.05)  # other tasks ask for statements meanwhile
+            raise Boom
+
+    async def neighbour() -> None:
+        await inside.wait()
+        await store.add_turn(conv, "user", "kept")  # waits for the transaction, then runs
+
+    results = await asyncio.gather(failing_transaction(), neighbour(), return_exceptions=True)
+    assert isinstance(results[0], Boom) and results[1] is None
+    assert [t.text for t in await store.recent_turns(p.id)] == ["kept"]
+
+
+async def test_transactions_at_once_each_commit_in_turn(store):
+    people = [await store.person_for(f"+55169999900{n:02d}") for n in range(8)]
+    counts = await asyncio.gather(*(store.erase_person(p.id) for p in people))
+    assert all(c["people"] == 1 for c in counts)
+    assert await store.person_by_number("+5516999990001") is None
+
+
+async def test_a_migration_that_breaks_a_reference_is_rolled_back_whole(tmp_path):
+    raw = await aiosqlite.connect(tmp_path / "g.db", isolation_level=None)
+    db = Connection(raw)
+    shipped = available()
+    assert await migrate(db, shipped[:1]) == 1
+    broken = (2, "0002_broken.sql", "CREATE TABLE extra (x INTEGER);\n"
+              "INSERT INTO conversations (person_id, channel, started_at, last_activity_at) "
+              "VALUES (42, 'call', 'now', 'now');")  # fmt: skip
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        await migrate(db, [*shipped[:1], broken])
+    assert await migrate(db, shipped[:1]) == 1  # still at version 1
+    async with db.execute("SELECT name FROM sqlite_master WHERE name = 'extra'") as cur:
+        assert await cur.fetchall() == []
+    async with db.execute("SELECT COUNT(*) FROM conversations") as cur:
+        assert (await cur.fetchone())[0] == 0
+    await db.close()
+
+
+async def test_the_greeting_latency_moves_to_its_own_column_and_whatsapp_turns_stay(tmp_path):
+    raw = await aiosqlite.connect(tmp_path / "g.db", isolation_level=None)
+    db = Connection(raw)
+    await migrate(db, [m for m in available() if m[0] <= 4])  # the schema before issue 11
+    await db.executescript(
+        "INSERT INTO people (id, e164, first_seen, last_seen) VALUES (7, '+5516999990001', "
+        "'t', 't');"
+        "INSERT INTO conversations (id, person_id, channel, started_at, last_activity_at) "
+        "VALUES (3, 7, 'call', 't', 't'), (4, 7, 'whatsapp', 't', 't');"
+        "INSERT INTO turns (conversation_id, role, text, at, response_latency_ms) VALUES "
+        "(3, 'assistant', 'Oi!', 't', 250.0), (3, 'user', 'oi', 't', NULL), "
+        "(3, 'assistant', 'Claro.', 't', 900.0);"
+        "INSERT INTO inbound_messages (message_sid, person_id, payload, next_try_at, "
+        "received_at, updated_at) VALUES ('SM1', 7, '{}', 't', 't', 't');"
+        "INSERT INTO whatsapp_replies (message_sid, person_id, conversation_id, kind, "
+        "user_text, text, created_at) VALUES ('SM1', 7, 4, 'model', 'Olá', 'Oi!', 't');"
+    )
+    await migrate(db)
+    async with db.execute("SELECT greeting_latency_ms FROM conversations WHERE id = 3") as cur:
+        assert (await cur.fetchone())[0] == 250.0
+    async with db.execute(
+        "SELECT conversation_id, text, response_latency_ms FROM turns ORDER BY id"
+    ) as cur:
+        rows = [tuple(r) for r in await cur.fetchall()]
+    # The call's greeting turn keeps its text, not the latency; the trigger's turns are kept.
+    assert rows == [
+        (3, "Oi!", None), (3, "oi", None), (3, "Claro.", 900.0), (4, "Olá", None), (4, "Oi!", None)
+    ]  # fmt: skip
+    await db.close()

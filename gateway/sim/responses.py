@@ -7,16 +7,17 @@ see facts carried from a conversation into the summary. Failures are injectable.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-SummaryFn = Callable[[str, str], str]  # (instructions, input text) -> output text
+SummaryFn = Callable[[str, str], "str | Awaitable[str]"]  # (instructions, input) -> output
 
 
 def echo_summary(instructions: str, text: str) -> str:
@@ -58,6 +59,8 @@ class ResponsesSimulator:
             status = self._failures.pop(0)
             return self._record(body, _error(status, "The server had an error", "server_error"))
         text = self.reply(str(body.get("instructions") or ""), _input_text(body["input"]))
+        if inspect.isawaitable(text):  # a test holding the answer back
+            text = await text
         return self._record(body, web.json_response(_response(body, text)))
 
     def _record(self, body: dict[str, Any], response: web.Response) -> web.Response:

@@ -10,8 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import aiosqlite
-
+    from gateway.store.connection import Connection
     from gateway.store.store import Turn
 
 
@@ -52,7 +51,7 @@ _PERSON_ROWS: dict[str, tuple[str, str, str]] = {
 
 
 class LifecycleQueries:
-    _db: aiosqlite.Connection
+    _db: Connection
 
     # summaries
     async def end_idle_conversations(self, channel: str, idle_before: datetime) -> int:
@@ -151,8 +150,7 @@ class LifecycleQueries:
         The erasure request itself stays as an audit line, with the number and words removed.
         """
         counts: dict[str, int] = {}
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._db.transaction():
             for table, (_, source, _) in _PERSON_ROWS.items():
                 async with self._db.execute(f"SELECT COUNT(*) {source}", (person_id,)) as cur:
                     counts[table] = (await cur.fetchone())[0]
@@ -163,9 +161,5 @@ class LifecycleQueries:
             )
             await self._db.execute("DELETE FROM media WHERE person_id = ?", (person_id,))
             await self._db.execute("DELETE FROM people WHERE id = ?", (person_id,))  # cascades
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
         counts["privacy_requests"] = 0  # kept as anonymous audit lines
         return counts

@@ -66,28 +66,27 @@ async def recent_people(
 
 
 async def latency_samples(store: Store, *, limit: int = 2000) -> LatencySamples:
-    """Latency fields of the latest `limit` timed assistant turns of calls."""
-    # calls.py stores the greeting's time from stream start in response_latency_ms of the
-    # call's first assistant turn; every later one is end of speech -> first frame.
-    rows = await _rows(
+    """Latency fields of the latest `limit` timed assistant turns and greetings of calls."""
+    turns = await _rows(
         store,
-        "SELECT t.response_latency_ms AS latency, t.upstream_first_audio_ms AS upstream, "
-        "NOT EXISTS (SELECT 1 FROM turns p WHERE p.conversation_id = t.conversation_id "
-        "AND p.role = 'assistant' AND p.id < t.id) AS greeting "
+        "SELECT t.response_latency_ms AS latency, t.upstream_first_audio_ms AS upstream "
         "FROM turns t JOIN conversations c ON c.id = t.conversation_id "
         "WHERE t.role = 'assistant' AND c.channel = 'call' "
         "AND (t.response_latency_ms IS NOT NULL OR t.upstream_first_audio_ms IS NOT NULL) "
         "ORDER BY t.id DESC LIMIT ?",
         (limit,),
     )
-    samples = LatencySamples([], [], [])
-    for row in rows:
-        if row["latency"] is not None:
-            target = samples.greeting_ms if row["greeting"] else samples.response_ms
-            target.append(float(row["latency"]))
-        if row["upstream"] is not None:
-            samples.upstream_ms.append(float(row["upstream"]))
-    return samples
+    greetings = await _rows(
+        store,
+        "SELECT greeting_latency_ms FROM conversations WHERE channel = 'call' "
+        "AND greeting_latency_ms IS NOT NULL ORDER BY id DESC LIMIT ?",
+        (limit,),
+    )
+    return LatencySamples(
+        response_ms=[float(r["latency"]) for r in turns if r["latency"] is not None],
+        greeting_ms=[float(r[0]) for r in greetings],
+        upstream_ms=[float(r["upstream"]) for r in turns if r["upstream"] is not None],
+    )
 
 
 async def _people(store: Store, limit: int) -> list[PersonReport]:

@@ -3,6 +3,7 @@ media and usage. The only module that speaks SQL."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.store.connection import Connection
 from gateway.store.lifecycle import LifecycleQueries
 from gateway.store.migrations import migrate
 
@@ -68,27 +70,32 @@ class InboundMessage:
 
 
 class Store(LifecycleQueries):
-    """One aiosqlite connection in WAL mode; a single writer process (see README)."""
+    """One aiosqlite connection in WAL mode; a single writer process (see README).
 
-    def __init__(self, db: aiosqlite.Connection, schema_version: int) -> None:
+    Every write of several statements runs in `transaction()`, which no other task's
+    statement can enter (see gateway.store.connection).
+    """
+
+    def __init__(self, db: Connection, schema_version: int) -> None:
         self._db = db
         self.schema_version = schema_version
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._db.transaction()
 
     @classmethod
     async def open(cls, database_url: str) -> Store:
         path = database_url.removeprefix("sqlite:///")
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = aiosqlite.Row
-        for pragma in (
-            "journal_mode=WAL",
-            "foreign_keys=ON",
-            "busy_timeout=5000",
-            "synchronous=NORMAL",
-        ):
+        raw = await aiosqlite.connect(path, isolation_level=None)
+        raw.row_factory = aiosqlite.Row
+        db = Connection(raw)
+        for pragma in ("journal_mode=WAL", "busy_timeout=5000", "synchronous=NORMAL"):
             await db.execute(f"PRAGMA {pragma}")
-        return cls(db, await migrate(db))
+        version = await migrate(db)  # with foreign keys off: a migration may rebuild a table
+        await db.execute("PRAGMA foreign_keys=ON")
+        return cls(db, version)
 
     async def close(self) -> None:
         await self._db.close()
@@ -149,6 +156,12 @@ class Store(LifecycleQueries):
         )
         return cur.lastrowid
 
+    async def set_greeting_latency(self, conversation_id: int, ms: float) -> None:
+        """Media stream start -> the greeting's first frame, for the call's conversation."""
+        await self._db.execute(
+            "UPDATE conversations SET greeting_latency_ms = ? WHERE id = ?", (ms, conversation_id)
+        )
+
     async def end_conversation(self, conversation_id: int) -> None:
         await self._db.execute(
             "UPDATE conversations SET ended_at = COALESCE(ended_at, ?) WHERE id = ?",
@@ -165,7 +178,29 @@ class Store(LifecycleQueries):
         response_latency_ms: float | None = None,
         upstream_first_audio_ms: float | None = None,
     ) -> int:
-        now = utcnow()
+        async with self.transaction():
+            return await self._insert_turn(
+                conversation_id,
+                role,
+                text,
+                audio_ms=audio_ms,
+                response_latency_ms=response_latency_ms,
+                upstream_first_audio_ms=upstream_first_audio_ms,
+            )
+
+    async def _insert_turn(
+        self,
+        conversation_id: int,
+        role: str,
+        text: str,
+        *,
+        audio_ms: int | None = None,
+        response_latency_ms: float | None = None,
+        upstream_first_audio_ms: float | None = None,
+        at: str | None = None,
+    ) -> int:
+        """The one place a turn is written, for every channel; inside a transaction."""
+        now = at or utcnow()
         cur = await self._db.execute(
             "INSERT INTO turns (conversation_id, role, text, audio_ms, at, response_latency_ms, "
             "upstream_first_audio_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -182,6 +217,7 @@ class Store(LifecycleQueries):
         await self._db.execute(
             "UPDATE conversations SET last_activity_at = ? WHERE id = ?", (now, conversation_id)
         )
+        assert cur.lastrowid is not None
         return cur.lastrowid
 
     async def recent_turns(self, person_id: int, limit: int = 50) -> list[Turn]:
@@ -318,18 +354,10 @@ class Store(LifecycleQueries):
         """Accept many webhooks in one transaction; True for each MessageSid not seen before.
 
         Group commit for bursts: a few statements and one commit whatever the batch size,
-        instead of three round trips and commits per webhook. The transaction spans several
-        awaits, so call this only on a Store of its own (the webhook intake opens one): on a
-        shared Store, other tasks' statements would run inside it. One batch at a time.
+        instead of three round trips and commits per webhook. One batch at a time.
         """
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            fresh = await self._accept_in_transaction(arrivals)
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
-        await self._db.execute("COMMIT")
-        return fresh
+        async with self.transaction():
+            return await self._accept_in_transaction(arrivals)
 
     async def _accept_in_transaction(self, arrivals: list[Arrival]) -> list[bool]:
         now = utcnow()
@@ -392,25 +420,36 @@ class Store(LifecycleQueries):
         )
 
     async def save_reply(self, reply: WhatsAppReply) -> None:
-        """Keep a reply; a model reply's turns are written with it (see 0002_whatsapp.sql)."""
-        await self._db.execute(
-            "INSERT INTO whatsapp_replies (message_sid, person_id, conversation_id, kind, "
-            "user_text, user_audio_ms, text, audio_ms, media_ids, response_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                reply.message_sid,
-                reply.person_id,
-                reply.conversation_id,
-                reply.kind,
-                reply.user_text,
-                reply.user_audio_ms,
-                reply.text,
-                reply.audio_ms,
-                json.dumps(reply.media_ids),
-                reply.response_id,
-                utcnow(),
-            ),
-        )
+        """Keep a reply, and a model reply's two turns with it in one transaction: a crash can
+        never leave turns without their reply, which a retry would then write a second time."""
+        now = utcnow()
+        async with self.transaction():
+            await self._db.execute(
+                "INSERT INTO whatsapp_replies (message_sid, person_id, conversation_id, kind, "
+                "user_text, user_audio_ms, text, audio_ms, media_ids, response_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    reply.message_sid,
+                    reply.person_id,
+                    reply.conversation_id,
+                    reply.kind,
+                    reply.user_text,
+                    reply.user_audio_ms,
+                    reply.text,
+                    reply.audio_ms,
+                    json.dumps(reply.media_ids),
+                    reply.response_id,
+                    now,
+                ),
+            )
+            if reply.conversation_id is not None:
+                user = reply.user_text or ""
+                await self._insert_turn(
+                    reply.conversation_id, "user", user, audio_ms=reply.user_audio_ms, at=now
+                )
+                await self._insert_turn(
+                    reply.conversation_id, "assistant", reply.text, audio_ms=reply.audio_ms, at=now
+                )
 
     async def reply_for(self, message_sid: str) -> WhatsAppReply | None:
         async with self._db.execute(

@@ -1,0 +1,134 @@
+"""The one aiosqlite connection a process shares, and transactions that cannot be misused.
+
+aiosqlite runs statements one after another on one thread, in the order they are asked for.
+A transaction that spans awaits would therefore take in every statement other tasks ask for
+meanwhile, and roll them back with its own. Here a transaction is exclusive: it starts once
+the statements in flight are done, and statements asked for while it runs wait until it ends,
+except the transaction's own (those of the task that opened it).
+
+`execute` keeps aiosqlite's shape, awaitable or `async with ... as cursor`, so the queries read
+as before; the cursor's rows are fetched inside the statement's turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+
+@dataclass(frozen=True)
+class Done:
+    """What a write reports once it has run."""
+
+    rowcount: int
+    lastrowid: int | None
+
+
+class Connection:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        self._owner: asyncio.Task[Any] | None = None
+        self._serial = asyncio.Lock()  # one transaction at a time
+        self._open = asyncio.Event()  # set while no transaction runs or waits to run
+        self._open.set()
+        self._in_flight = 0
+        self._drained = asyncio.Event()  # set while no statement is in flight
+        self._drained.set()
+
+    def execute(self, sql: str, args: Iterable[Any] = ()) -> _Statement:
+        return _Statement(self, sql, tuple(args))
+
+    async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        async with self._turn():
+            await self.db.executemany(sql, rows)
+
+    async def executescript(self, script: str) -> None:
+        async with self._turn():
+            await self.db.executescript(script)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception; a transaction opened
+        inside one by the same task joins it. Do not await other tasks' statements inside."""
+        if self._mine():
+            yield
+            return
+        async with self._serial:
+            self._open.clear()
+            try:
+                await self._drained.wait()
+                self._owner = asyncio.current_task()
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+                await self.db.execute("COMMIT")
+            finally:
+                self._owner = None
+                self._open.set()
+
+    def _mine(self) -> bool:
+        return self._owner is not None and self._owner is asyncio.current_task()
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """A statement's turn: inside its own transaction at once, else between transactions."""
+        if self._mine():
+            yield
+            return
+        while not self._open.is_set():
+            await self._open.wait()
+        self._in_flight += 1
+        self._drained.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._drained.set()
+
+
+class _Statement:
+    """`await conn.execute(...)` runs a write; `async with conn.execute(...) as cur` reads."""
+
+    def __init__(self, conn: Connection, sql: str, args: tuple[Any, ...]) -> None:
+        self._conn, self._sql, self._args = conn, sql, args
+        self._turn: contextlib.AbstractAsyncContextManager[None] | None = None
+        self._cursor: aiosqlite.Cursor | None = None
+
+    def __await__(self) -> Generator[Any, None, Done]:
+        return self._run().__await__()
+
+    async def _run(self) -> Done:
+        async with self._conn._turn():
+            cursor = await self._conn.db.execute(self._sql, self._args)
+            done = Done(cursor.rowcount, cursor.lastrowid)
+            await cursor.close()
+            return done
+
+    async def __aenter__(self) -> aiosqlite.Cursor:
+        self._turn = self._conn._turn()
+        await self._turn.__aenter__()
+        try:
+            self._cursor = await self._conn.db.execute(self._sql, self._args)
+        except BaseException as err:
+            await self._turn.__aexit__(type(err), err, err.__traceback__)
+            raise
+        return self._cursor
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._turn is not None and self._cursor is not None
+        try:
+            await self._cursor.close()
+        finally:
+            await self._turn.__aexit__(*exc)
