@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway import privacy
 from gateway.dashboard import admin_only
 from gateway.observability import mask_number
 from gateway.runtime import RUNTIME, Runtime
@@ -73,7 +74,9 @@ async def erase_person(request: web.Request) -> web.Response:
     rt, person = await _person(request)
     if isinstance(person, web.Response):
         return person
-    counts = await rt.store.erase_person(person.id)
+    counts = await privacy.erase_person(rt.store, rt.holders, person)
+    if not counts["people"]:  # an erasure running beside this one took them first
+        return _json({"error": "no such person"}, 404)
     log.warning("admin erased person %d: %s", person.id, counts)
     return _json({"erased": counts})
 

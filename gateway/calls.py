@@ -59,7 +59,7 @@ from gateway.observability import (
 from gateway.persona import MemoryContext, greeting_instruction
 from gateway.privacy import note_erasure_request
 from gateway.runtime import RUNTIME, Runtime
-from gateway.store import Person, normalize_number
+from gateway.store import Erased, Person, normalize_number
 from gateway.twilio_api import signature_refused
 from gateway.usage import token_counts
 
@@ -102,6 +102,7 @@ class LiveCall:
         self.log_id = f"call {call_sid}"
         self.protocol_errors = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._writes: set[asyncio.Task[Any]] = set()  # store writes in flight
         self._opening: asyncio.Task[None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._greeting_observed = False
@@ -232,7 +233,7 @@ class LiveCall:
             GREETING.observe(self.state.greeting_ms / 1000)
             if self.conversation_id is not None:
                 ms, conversation = self.state.greeting_ms, self.conversation_id
-                self._spawn(self.rt.store.set_greeting_latency(conversation, ms))
+                self._write(self.rt.store.set_greeting_latency(conversation, ms))
 
     def _protocol_error(self, error: ProtocolError) -> None:
         ERRORS.labels(f"{error.source}_protocol").inc()
@@ -290,21 +291,21 @@ class LiveCall:
         if self._ticker is not None:
             self._ticker.cancel()
         if self.conversation_id is not None and self.rt.store is not None:
-            self._spawn(self._finish_conversation(self.conversation_id))
+            self._write(self._finish_conversation(self.conversation_id))
         self.finished.set()
 
     # store
     def _record_turn(self, turn: RecordTurn) -> None:
         TURNS.labels("call", turn.role).inc()
         if turn.role == "user" and self.person is not None:
-            self._spawn(note_erasure_request(self.rt.store, self.person, "call", turn.text))
+            self._write(note_erasure_request(self.rt.store, self.person, "call", turn.text))
         if turn.response_latency_ms is not None:
             RESPONSE_LATENCY.observe(turn.response_latency_ms / 1000)
         if turn.upstream_first_audio_ms is not None:
             UPSTREAM_FIRST_AUDIO.observe(turn.upstream_first_audio_ms / 1000)
         if self.conversation_id is None or self.rt.store is None:
             return
-        self._spawn(
+        self._write(
             self.rt.store.add_turn(
                 self.conversation_id,
                 turn.role,
@@ -318,7 +319,7 @@ class LiveCall:
     def _record_usage(self, usage: RecordUsage) -> None:
         if self.person is None or self.rt.store is None:
             return
-        self._spawn(
+        self._write(
             self.rt.store.add_usage(
                 self.person.id,
                 self.conversation_id,
@@ -358,6 +359,21 @@ class LiveCall:
         if self.rt.summarizer is not None:
             self.rt.summarizer.poke()  # fold this call into the person's summary now
 
+    async def forget(self) -> None:
+        """Erasure of the caller: the call goes on, without their memory and without writing
+        another row; writes already in flight land first (the erasure then removes them).
+
+        Going on rather than hanging up: the caller is mid-sentence, often the very person who
+        asked for the erasure on this call, and the live session holds only this call."""
+        self.person, self.conversation_id = None, None
+        self.memory = MemoryContext(None, None, None, [], True)
+        self._memory_loaded = True  # a reconnect must not load it again
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def _write(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._writes.add(self._spawn(coro))
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -366,7 +382,10 @@ class LiveCall:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and (err := task.exception()) is not None:
+        self._writes.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), Erased):
+            log.info("%s: a write after the caller's erasure was refused", self.log_id)
+        elif not task.cancelled() and (err := task.exception()) is not None:
             ERRORS.labels("call_task_failed").inc()
             log.error("%s: background work failed: %s: %s", self.log_id, type(err).__name__, err)
 
@@ -383,6 +402,12 @@ class CallRegistry:
         self.claim_timeout_s = claim_timeout_s
         self._waiting: dict[str, LiveCall] = {}
         self.live: dict[str, LiveCall] = {}
+
+    async def forget(self, person_id: int) -> None:
+        """Erasure: every call of this person, parked or live, lets go of them."""
+        calls = [*self._waiting.values(), *self.live.values()]
+        mine = [c for c in calls if c.person is not None and c.person.id == person_id]
+        await asyncio.gather(*(call.forget() for call in mine))
 
     def park(self, call: LiveCall) -> str:
         token = secrets.token_urlsafe(24)
@@ -535,5 +560,6 @@ def _parse(text: str) -> Any:
 
 def setup(app: web.Application, claim_timeout_s: float) -> None:
     app[REGISTRY] = CallRegistry(claim_timeout_s)
+    app[RUNTIME].holders.register(app[REGISTRY])
     app.router.add_post("/webhook/voice", voice_webhook)
     app.router.add_get("/media-stream", media_stream)

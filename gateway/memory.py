@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime
+from typing import Protocol
 
 from gateway.observability import mask_number
 from gateway.persona import Channel, MemoryContext, MemoryTurn, Persona, compose_instructions
 from gateway.store import Person, Store, Turn
+
+log = logging.getLogger(__name__)
 
 HISTORY_TURNS = 80  # more than any budget keeps; the composer drops the oldest
 INSTRUCTIONS_BUDGET_TOKENS = 4000
@@ -60,3 +65,39 @@ def instructions_for(persona: Persona, channel: Channel, memory: MemoryContext) 
         budget_tokens=INSTRUCTIONS_BUDGET_TOKENS,
         now=datetime.now().astimezone(),
     )
+
+
+class Holder(Protocol):
+    """A part of the gateway that keeps people's memory in hand: warm WhatsApp sessions,
+    live and parked calls, queue work in flight."""
+
+    async def forget(self, person_id: int) -> None:
+        """Drop or detach everything of this person, and finish their writes in flight, so
+        nothing of theirs is written once it returns."""
+
+
+class MemoryHolders:
+    """Every holder of a person's memory in this process, told at erasure before the rows go.
+
+    An erased id is kept here as a tombstone: ids are never reused, so work that started
+    before the erasure can ask `erased()` and stop instead of writing."""
+
+    FORGET_TIMEOUT_S = 5.0  # a holder that cannot let go in this long is reported, not waited
+
+    def __init__(self) -> None:
+        self._holders: list[Holder] = []
+        self._erased: set[int] = set()
+
+    def register(self, holder: Holder) -> None:
+        self._holders.append(holder)
+
+    def erased(self, person_id: int) -> bool:
+        return person_id in self._erased
+
+    async def forget(self, person_id: int) -> None:
+        self._erased.add(person_id)
+        try:
+            async with asyncio.timeout(self.FORGET_TIMEOUT_S):
+                await asyncio.gather(*(h.forget(person_id) for h in self._holders))
+        except TimeoutError:
+            log.error("erasure of person %d: a holder did not let go in time", person_id)

@@ -11,6 +11,7 @@ import logging
 import re
 import unicodedata
 
+from gateway.memory import MemoryHolders
 from gateway.store import Person, Store
 
 log = logging.getLogger(__name__)
@@ -39,3 +40,11 @@ async def note_erasure_request(store: Store, person: Person, channel: str, text:
     await store.record_privacy_request(person.id, person.e164, channel, "erase", text)
     log.warning("privacy: erasure request recorded for person %d on %s", person.id, channel)
     return True
+
+
+async def erase_person(store: Store, holders: MemoryHolders, person: Person) -> dict[str, int]:
+    """LGPD erasure: every holder lets go of the person first (sessions closed, calls
+    detached, writes in flight finished), then their rows go in one transaction. Rows
+    removed per table; all zero when someone else erased them first."""
+    await holders.forget(person.id)
+    return await store.erase_person(person.id)

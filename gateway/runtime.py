@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.memory import MemoryHolders
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class Runtime:
     store: Store | None = None
     prices: dict[str, Prices] = field(default_factory=dict)
     summarizer: Summarizer | None = None
+    holders: MemoryHolders = field(default_factory=MemoryHolders)  # told at erasure
     openai: AsyncOpenAI | None = None
     twilio: Any = None  # twilio.rest.Client with the async HTTP client
     realtime_sim: Any = None  # gateway.sim.realtime.RealtimeSimulator in the sandbox

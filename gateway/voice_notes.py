@@ -34,7 +34,7 @@ from gateway.bridge import (
 from gateway.memory import instructions_for, load_memory
 from gateway.persona import Channel, MemoryContext, greeting_instruction
 from gateway.runtime import Runtime
-from gateway.store import Person
+from gateway.store import Erased, Person
 from gateway.transcode import PCM24K_BYTES_PER_MS, OpusEncoder
 from gateway.usage import token_counts
 
@@ -81,6 +81,10 @@ class RealtimeUnavailable(Exception):
 
 class TurnFailed(Exception):
     """The Realtime API refused or failed this turn."""
+
+
+class PersonErased(Exception):
+    """The person was erased while their turn waited or ran: nothing of it is kept."""
 
 
 def channel_of(turn: TurnInput) -> Channel:
@@ -280,6 +284,7 @@ class _Warm:
     responses: int = 0
     users: int = 0  # turns waiting or running: the idle timer leaves a busy session alone
     idle_timer: asyncio.TimerHandle | None = None
+    forgotten: bool = False  # the person was erased: never reopened, nothing written
 
     @property
     def usable(self) -> bool:
@@ -298,6 +303,8 @@ class WarmSessions:
 
     async def reply(self, person: Person, turn: TurnInput, log_id: str) -> VoiceReply:
         """Answer one message in the person's warm session (opened or reopened as needed)."""
+        if self.rt.holders.erased(person.id):
+            raise PersonErased(f"person {person.id} was erased")
         warm = self._warm.setdefault(person.id, _Warm(person))
         warm.users += 1
         if warm.idle_timer is not None:
@@ -309,6 +316,16 @@ class WarmSessions:
         finally:
             warm.users -= 1
             self._arm_idle(warm)
+
+    async def forget(self, person_id: int) -> None:
+        """Erasure: the person's session closes now (a turn in it fails as PersonErased) and
+        is never reopened; its conversation is left to the erasure."""
+        warm = self._warm.pop(person_id, None)
+        if warm is None:
+            return
+        warm.forgotten = True
+        warm.conversation_id = None
+        await self._close(warm)
 
     async def close_all(self) -> None:
         """Shutdown: every warm session closes at once, each close bounded by the policy."""
@@ -322,6 +339,8 @@ class WarmSessions:
         for attempt in (1, 2):
             if attempt > 1:
                 await asyncio.sleep(self.policy.reconnect_delay(attempt - 1) or 0.0)
+            if warm.forgotten:
+                raise PersonErased(f"person {warm.person.id} was erased mid-turn")
             try:
                 if not warm.usable:
                     await self._close(warm)
@@ -329,6 +348,8 @@ class WarmSessions:
                 return await self._turn(warm, turn, log_id)
             except UpstreamClosed as err:
                 await self._close(warm)
+                if warm.forgotten:
+                    raise PersonErased(f"person {warm.person.id} was erased mid-turn") from err
                 if attempt == 2:
                     raise RealtimeUnavailable(f"session dropped twice: {err}") from err
                 log.warning("whatsapp %s: Realtime session dropped (%s); reopening", log_id, err)
@@ -451,6 +472,8 @@ class WarmSessions:
         )
 
     async def _record_usage(self, warm: _Warm, collector: ReplyCollector, audio_ms: int) -> None:
+        if warm.forgotten:
+            return
         try:
             await self.rt.store.add_usage(
                 warm.person.id,
@@ -460,6 +483,8 @@ class WarmSessions:
                 audio_seconds=audio_ms / 1000,
                 model=self.rt.settings.realtime_model,
             )
+        except Erased:
+            log.info("usage of %s not kept: the person was erased", collector.response_id)
         except Exception:  # accounting must never cost the person their reply
             log.exception("could not record usage of %s", collector.response_id)
 

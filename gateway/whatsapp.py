@@ -40,12 +40,13 @@ from gateway.observability import (
 from gateway.privacy import note_erasure_request
 from gateway.queue import GiveUp, InboundWorker, Intake, RetryLater
 from gateway.runtime import RUNTIME, Runtime
-from gateway.store import InboundMessage, normalize_number
+from gateway.store import Erased, InboundMessage, normalize_number
 from gateway.store.store import Arrival, WhatsAppReply
 from gateway.transcode import AudioDecodeError, decode_to_pcm24k
 from gateway.twilio_api import media_auth_allowed, signature_refused
 from gateway.voice_notes import (
     AudioInput,
+    PersonErased,
     RealtimeUnavailable,
     TextInput,
     TurnInput,
@@ -296,6 +297,7 @@ class WhatsAppChannel:
             self.rt.store, self.process, concurrency=settings.whatsapp_concurrency
         )
         self.intake = await Intake.open(settings.database_url, self.wake)
+        self.rt.holders.register(self)
         await self.worker.start()
         yield
         await self.stop()
@@ -312,6 +314,14 @@ class WhatsAppChannel:
             await asyncio.wait(self._sending, timeout=SEND_GRACE_S)
         await self.sessions.close_all()
 
+    async def forget(self, person_id: int) -> None:
+        """Erasure: the person's warm session closes (a reply being composed for them is
+        dropped, see `process`), and sends already at Twilio finish recording first."""
+        if self.sessions is not None:
+            await self.sessions.forget(person_id)
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=SEND_GRACE_S)
+
     async def accept(self, arrival: Arrival) -> bool:
         """Store a webhook durably (before it is answered); False for a repeated MessageSid."""
         assert self.intake is not None, "the channel starts before the server accepts requests"
@@ -326,27 +336,37 @@ class WhatsAppChannel:
         inbound = Inbound.from_message(message)
         store = self.rt.store
         with correlated(f"msg={inbound.message_sid}"):
-            reply = await store.reply_for(inbound.message_sid)
-            if reply is None:
-                reply = await self._compose(inbound, message.attempts)
-                await store.save_reply(reply)
-                TURNS.labels("whatsapp", "user").inc()
-                TURNS.labels("whatsapp", "assistant").inc(reply.kind == "model")
-            await self._send(inbound, reply)
+            try:
+                reply = await store.reply_for(inbound.message_sid)
+                if reply is None:
+                    reply = await self._compose(inbound, message.attempts)
+                    self._still_here(inbound)
+                    await store.save_reply(reply)
+                    TURNS.labels("whatsapp", "user").inc()
+                    TURNS.labels("whatsapp", "assistant").inc(reply.kind == "model")
+                await self._send(inbound, reply)
+            except (PersonErased, Erased) as gone:
+                raise GiveUp(f"the person was erased meanwhile ({gone})") from None
         if message.received_at:
             received = datetime.fromisoformat(message.received_at)
             WHATSAPP_REPLY.observe((datetime.now(UTC) - received).total_seconds())
+
+    def _still_here(self, inbound: Inbound) -> None:
+        """Between steps: once the person is erased, nothing more of this message is kept
+        or sent (ids are never reused, so the tombstone is theirs alone)."""
+        if self.rt.holders.erased(inbound.person_id):
+            raise PersonErased(f"person {inbound.person_id} was erased")
 
     async def _compose(self, inbound: Inbound, attempts: int) -> WhatsAppReply:
         sid = inbound.message_sid
         try:
             turn = await self._turn_input(inbound)
             voice = await self._answer(inbound, turn)
+        except (PersonErased, Erased, GiveUp):
+            raise
         except BadInput as bad:
             log.info("whatsapp %s: %s; answering %s", sid, bad.detail, bad.key)
             return self._fixed(inbound, bad.key)
-        except GiveUp:
-            raise
         except Exception as err:  # transient (Realtime, media host) or a bug: retry, then apologise
             ERRORS.labels("whatsapp_compose").inc()
             if not isinstance(err, RealtimeUnavailable | MediaUnavailable):
@@ -389,6 +409,7 @@ class WhatsAppChannel:
 
     async def _model_reply(self, inbound: Inbound, voice: VoiceReply) -> WhatsAppReply:
         ttl = self.rt.settings.media_ttl_s
+        self._still_here(inbound)
         media_ids = [
             await media.publish_voice_note(
                 self.rt.store, note, person_id=inbound.person_id, ttl_s=ttl
@@ -423,6 +444,7 @@ class WhatsAppChannel:
         sent = {o.part for o in await self.rt.store.outbound_for(inbound.message_sid)}
         for index, part in enumerate(parts):
             if index not in sent:  # a resumed message skips what already went out
+                self._still_here(inbound)
                 await self._send_part(inbound, index, part)
 
     async def _send_part(self, inbound: Inbound, index: int, part: Part) -> None:
@@ -455,9 +477,13 @@ class WhatsAppChannel:
     async def _create_and_record(self, inbound: Inbound, index: int, part: Part) -> None:
         sid = inbound.message_sid
         created = await self._create_message(inbound, part)
-        await self.rt.store.record_outbound(
-            sid, index, part.kind, message_sid=created.sid, status=str(created.status)
-        )
+        try:
+            await self.rt.store.record_outbound(
+                sid, index, part.kind, message_sid=created.sid, status=str(created.status)
+            )
+        except Erased:  # erased while Twilio took it: the record goes with everything else
+            log.info("whatsapp %s: sent as %s, not recorded: person erased", sid, created.sid)
+            return
         log.info("whatsapp %s: %s part %d sent as %s", sid, part.kind, index, created.sid)
 
     async def _create_message(self, inbound: Inbound, part: Part) -> Any:

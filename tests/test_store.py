@@ -165,3 +165,28 @@ async def test_the_greeting_latency_moves_to_its_own_column_and_whatsapp_turns_s
         (3, "Oi!", None), (3, "oi", None), (3, "Claro.", 900.0), (4, "Olá", None), (4, "Oi!", None)
     ]  # fmt: skip
     await db.close()
+
+
+async def test_an_erased_id_is_never_handed_out_again_and_migration_keeps_the_ids(tmp_path):
+    raw = await aiosqlite.connect(tmp_path / "g.db", isolation_level=None)
+    db = Connection(raw)
+    await migrate(db, [m for m in available() if m[0] <= 5])  # before ids were kept
+    await db.executescript(
+        "INSERT INTO people (id, e164, first_seen, last_seen) VALUES "
+        "(3, '+5516999990003', 't', 't'), (9, '+5516999990009', 't', 't');"
+        "INSERT INTO conversations (id, person_id, channel, started_at, last_activity_at) "
+        "VALUES (5, 9, 'call', 't', 't');"
+        "INSERT INTO turns (id, conversation_id, role, text, at) VALUES (11, 5, 'user', 'oi', 't');"
+    )
+    await db.close()
+    store = await Store.open(f"sqlite:///{tmp_path}/g.db")
+    try:
+        assert (await store.person_by_number("+5516999990009")).id == 9  # ids kept
+        assert [t.id for t in await store.recent_turns(9)] == [11]
+        await store.erase_person(9)  # the newest person, conversation and turn
+        newcomer = await store.person_for("+5516999990010")
+        conversation = await store.start_conversation(newcomer.id, "whatsapp")
+        turn = await store.add_turn(conversation, "user", "olá")
+        assert (newcomer.id, conversation, turn) == (10, 6, 12)  # none of 9, 5, 11 again
+    finally:
+        await store.close()

@@ -1,10 +1,12 @@
 """Persistence: the only package that holds SQL."""
 
+from gateway.store.connection import Erased
 from gateway.store.lifecycle import ConversationRef
 from gateway.store.store import InboundMessage, Person, Store, Turn, normalize_number, utcnow
 
 __all__ = [
     "ConversationRef",
+    "Erased",
     "InboundMessage",
     "Person",
     "Store",

@@ -14,11 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Generator, Iterable
+import sqlite3
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiosqlite
+
+
+class Erased(LookupError):
+    """A write named a row that no longer exists (its person was erased meanwhile): the
+    foreign key refused it. Ids are never reused, so this is never someone else's row."""
+
+
+@contextlib.contextmanager
+def _erasure_named() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.IntegrityError as err:
+        if "FOREIGN KEY" not in str(err):
+            raise
+        raise Erased(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,8 @@ class Connection:
 
     async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
         async with self._turn():
-            await self.db.executemany(sql, rows)
+            with _erasure_named():
+                await self.db.executemany(sql, rows)
 
     async def executescript(self, script: str) -> None:
         async with self._turn():
@@ -69,10 +86,11 @@ class Connection:
                 await self.db.execute("BEGIN IMMEDIATE")
                 try:
                     yield
+                    await self.db.execute("COMMIT")
                 except BaseException:
-                    await self.db.execute("ROLLBACK")
+                    if self.db.in_transaction:  # a failed COMMIT leaves it open too
+                        await self.db.execute("ROLLBACK")
                     raise
-                await self.db.execute("COMMIT")
             finally:
                 self._owner = None
                 self._open.set()
@@ -111,7 +129,8 @@ class _Statement:
 
     async def _run(self) -> Done:
         async with self._conn._turn():
-            cursor = await self._conn.db.execute(self._sql, self._args)
+            with _erasure_named():
+                cursor = await self._conn.db.execute(self._sql, self._args)
             done = Done(cursor.rowcount, cursor.lastrowid)
             await cursor.close()
             return done
