@@ -43,7 +43,7 @@ from gateway.call_state import (
     Upstream,
     UpstreamError,
 )
-from gateway.memory import instructions_for, load_memory, with_transcript
+from gateway.memory import instructions_for, load_memory_marked, news_since, with_transcript
 from gateway.observability import (
     ACTIVE_CALLS,
     CALLS,
@@ -107,6 +107,8 @@ class LiveCall:
         self._ticker: asyncio.TimerHandle | None = None
         self._greeting_observed = False
         self._memory_loaded = False
+        self._mark = 0  # the newest turn id the call's memory covers
+        self._catching_up = asyncio.Lock()
         self._inbound_timer = FrameTimer("inbound")
         self._outbound_timer = FrameTimer("outbound")
 
@@ -130,7 +132,7 @@ class LiveCall:
         first = self.state.upstream is Upstream.OPENING
         try:
             if not self._memory_loaded and self.person is not None:
-                self.memory = await load_memory(self.rt.store, self.person)
+                self.memory, self._mark = await load_memory_marked(self.rt.store, self.person)
                 self._memory_loaded = True
             instructions = self._instructions()
             session = await RealtimeSession.open(
@@ -359,6 +361,19 @@ class LiveCall:
         if self.rt.summarizer is not None:
             self.rt.summarizer.poke()  # fold this call into the person's summary now
 
+    def catch_up(self) -> None:
+        """The caller wrote on WhatsApp meanwhile: the live session hears of it at once."""
+        if self.person is not None and self._memory_loaded:
+            self._write(self._catch_up(self.person.id))
+
+    async def _catch_up(self, person_id: int) -> None:
+        async with self._catching_up:  # two at once would both tell the same news
+            news, self._mark = await news_since(
+                self.rt.store, self.rt.persona, person_id, self._mark, self.conversation_id
+            )
+        if news is not None:
+            await self._to_realtime(news)
+
     async def forget(self) -> None:
         """Erasure of the caller: the call goes on, without their memory and without writing
         another row; writes already in flight land first (the erasure then removes them).
@@ -403,11 +418,17 @@ class CallRegistry:
         self._waiting: dict[str, LiveCall] = {}
         self.live: dict[str, LiveCall] = {}
 
+    def _calls_of(self, person_id: int) -> list[LiveCall]:
+        calls = [*self._waiting.values(), *self.live.values()]
+        return [c for c in calls if c.person is not None and c.person.id == person_id]
+
     async def forget(self, person_id: int) -> None:
         """Erasure: every call of this person, parked or live, lets go of them."""
-        calls = [*self._waiting.values(), *self.live.values()]
-        mine = [c for c in calls if c.person is not None and c.person.id == person_id]
-        await asyncio.gather(*(call.forget() for call in mine))
+        await asyncio.gather(*(call.forget() for call in self._calls_of(person_id)))
+
+    def changed(self, person_id: int) -> None:
+        for call in self._calls_of(person_id):
+            call.catch_up()
 
     def park(self, call: LiveCall) -> str:
         token = secrets.token_urlsafe(24)

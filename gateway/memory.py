@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.observability import mask_number
-from gateway.persona import Channel, MemoryContext, MemoryTurn, Persona, compose_instructions
+from gateway.persona import (
+    Channel,
+    MemoryContext,
+    MemoryTurn,
+    Persona,
+    compose_instructions,
+    compose_news,
+)
 from gateway.store import Person, Store, Turn
 
 log = logging.getLogger(__name__)
@@ -23,18 +30,44 @@ def _channel_of(turn: Turn) -> str:
     return "whatsapp_voice" if turn.audio_ms else "whatsapp_text"
 
 
+def _memory_turn(turn: Turn) -> MemoryTurn:
+    role = "user" if turn.role == "user" else "assistant"
+    return MemoryTurn(role, turn.text, _channel_of(turn), datetime.fromisoformat(turn.at))
+
+
 async def load_memory(store: Store, person: Person) -> MemoryContext:
+    return (await load_memory_marked(store, person))[0]
+
+
+async def load_memory_marked(store: Store, person: Person) -> tuple[MemoryContext, int]:
+    """The memory, and the id of the newest turn it covers: news is what comes after."""
     turns = await store.recent_turns(person.id, HISTORY_TURNS)
     said = [t for t in turns if t.role in ("user", "assistant")]
-    return MemoryContext(
+    memory = MemoryContext(
         name=person.name,
         phone_hint=mask_number(person.e164),
         summary=person.summary,
-        turns=[
-            MemoryTurn(t.role, t.text, _channel_of(t), datetime.fromisoformat(t.at)) for t in said
-        ],
+        turns=[_memory_turn(t) for t in said],
         first_contact=not said and not person.summary,
     )
+    return memory, max((t.id for t in turns), default=0)
+
+
+async def news_since(
+    store: Store, persona: Persona, person_id: int, mark: int, own_conversation: int | None
+) -> tuple[dict[str, Any] | None, int]:
+    """What the person said or heard elsewhere since `mark`, as the conversation item that
+    tells an open session (None: nothing new), and the new mark.
+
+    An item rather than a reopened session: one indexed query and one event (well under a
+    millisecond here) against a new connect and the whole instructions again (see
+    BENCHMARKS.md); the session keeps its own turns and the model's audio context."""
+    turns = await store.turns_since(person_id, mark, own_conversation)
+    if not turns:
+        return None, mark
+    text = compose_news(persona, [_memory_turn(t) for t in turns], now=datetime.now().astimezone())
+    item = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]}
+    return {"type": "conversation.item.create", "item": item}, turns[-1].id
 
 
 def with_transcript(
@@ -75,6 +108,9 @@ class Holder(Protocol):
         """Drop or detach everything of this person, and finish their writes in flight, so
         nothing of theirs is written once it returns."""
 
+    def changed(self, person_id: int) -> None:
+        """The person's memory grew elsewhere: open sessions should hear of it."""
+
 
 class MemoryHolders:
     """Every holder of a person's memory in this process, told at erasure before the rows go.
@@ -93,6 +129,10 @@ class MemoryHolders:
 
     def erased(self, person_id: int) -> bool:
         return person_id in self._erased
+
+    def changed(self, person_id: int) -> None:
+        for holder in self._holders:
+            holder.changed(person_id)
 
     async def forget(self, person_id: int) -> None:
         self._erased.add(person_id)

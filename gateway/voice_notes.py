@@ -31,7 +31,7 @@ from gateway.bridge import (
     UpstreamClosed,
     voice_note_session,
 )
-from gateway.memory import instructions_for, load_memory
+from gateway.memory import instructions_for, load_memory_marked, news_since
 from gateway.persona import Channel, MemoryContext, greeting_instruction
 from gateway.runtime import Runtime
 from gateway.store import Erased, Person
@@ -285,6 +285,7 @@ class _Warm:
     users: int = 0  # turns waiting or running: the idle timer leaves a busy session alone
     idle_timer: asyncio.TimerHandle | None = None
     forgotten: bool = False  # the person was erased: never reopened, nothing written
+    mark: int = 0  # the newest turn id the session knows of; later ones elsewhere are news
 
     @property
     def usable(self) -> bool:
@@ -366,7 +367,7 @@ class WarmSessions:
 
     async def _open(self, warm: _Warm, channel: Channel) -> None:
         rt, settings = self.rt, self.rt.settings
-        warm.memory = await load_memory(rt.store, warm.person)
+        warm.memory, warm.mark = await load_memory_marked(rt.store, warm.person)
         instructions = instructions_for(rt.persona, channel, warm.memory)
         warm.session = await RealtimeSession.open(
             rt.openai,
@@ -381,6 +382,7 @@ class WarmSessions:
         session = warm.session
         assert session is not None
         started = time.monotonic()
+        await self._catch_up(warm, session)
         await self._send_input(session, turn)
         params = self._response_params(warm, turn)
         await session.send({"type": "response.create", "response": params})
@@ -403,6 +405,14 @@ class WarmSessions:
         )
         await self._record_usage(warm, collector, reply.audio_ms)
         return reply
+
+    async def _catch_up(self, warm: _Warm, session: RealtimeSession) -> None:
+        """A call (or anything else) since the session opened: the model hears of it first."""
+        news, warm.mark = await news_since(
+            self.rt.store, self.rt.persona, warm.person.id, warm.mark, warm.conversation_id
+        )
+        if news is not None:
+            await session.send(news)
 
     async def _send_input(self, session: RealtimeSession, turn: TurnInput) -> None:
         if isinstance(turn, TextInput):

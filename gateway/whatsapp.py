@@ -322,6 +322,9 @@ class WhatsAppChannel:
         if self._sending:
             await asyncio.wait(self._sending, timeout=SEND_GRACE_S)
 
+    def changed(self, person_id: int) -> None:
+        """Nothing to push: a warm session catches up before each turn (voice_notes)."""
+
     async def accept(self, arrival: Arrival) -> bool:
         """Store a webhook durably (before it is answered); False for a repeated MessageSid."""
         assert self.intake is not None, "the channel starts before the server accepts requests"
@@ -342,6 +345,8 @@ class WhatsAppChannel:
                     reply = await self._compose(inbound, message.attempts)
                     self._still_here(inbound)
                     await store.save_reply(reply)
+                    if reply.kind == "model":
+                        self.rt.holders.changed(inbound.person_id)  # a live call hears of it
                     TURNS.labels("whatsapp", "user").inc()
                     TURNS.labels("whatsapp", "assistant").inc(reply.kind == "model")
                 await self._send(inbound, reply)

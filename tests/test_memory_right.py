@@ -267,3 +267,46 @@ async def test_an_erasure_during_a_summary_keeps_the_summary_from_anyone(
     assert CALL_FACT not in everything_stored(db)
     assert orphans(db) == dict.fromkeys(orphans(db), 0)
     no_integrity_errors(caplog)
+
+
+# ---- fresh context across channels ------------------------------------------------------
+
+
+async def test_a_fact_said_on_a_call_reaches_the_still_warm_whatsapp_session(
+    gateway, realtime_sim, twilio_sim
+):
+    await whatsapp_text(gateway, twilio_sim, ANA, "Oi, tudo bem?", name="Ana")
+    caller = await call(gateway, ANA)
+    async with caller:
+        await say(caller, seed=1)
+        await caller.hangup()
+    await wait_until(lambda: stored_call_turns(gateway, ANA))
+    await whatsapp_text(gateway, twilio_sim, ANA, "E então, o que você me sugere?", name="Ana")
+    answering = chat_sessions(realtime_sim)[-1]
+    assert "o que você me sugere" in said_to(answering)
+    assert CALL_FACT in said_to(answering)  # the call's fact was known when it answered
+
+
+async def test_a_whatsapp_exchange_still_warm_reaches_the_call_that_starts(
+    gateway, realtime_sim, twilio_sim
+):
+    await whatsapp_text(gateway, twilio_sim, ANA, "Quero anunciar minha loja de tratores", "Ana")
+    caller = await call(gateway, ANA)
+    async with caller:
+        await caller.hangup()
+    phone = [s for s in realtime_sim.sessions if s.input_format == "audio/pcmu"][-1]
+    assert "loja de tratores" in said_to(phone)
+
+
+async def test_a_whatsapp_message_during_a_call_reaches_the_live_call(
+    gateway, realtime_sim, twilio_sim
+):
+    caller = await call(gateway, ANA)
+    async with caller:
+        await whatsapp_text(gateway, twilio_sim, ANA, "Mandei a planta da fazenda por aqui", "Ana")
+        phone = [s for s in realtime_sim.sessions if s.input_format == "audio/pcmu"][-1]
+        await phone.wait_for(lambda: "planta da fazenda" in said_to(phone, False), timeout=WAIT_S)
+        items = [t.event for t in phone.received if t.event["type"] == "conversation.item.create"]
+        assert [i["item"]["role"] for i in items] == ["system"]  # told once, as a note
+        await say(caller, seed=1)  # and the call goes on
+        await caller.hangup()

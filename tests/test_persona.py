@@ -19,6 +19,7 @@ from gateway.persona import (
     Persona,
     PersonaError,
     compose_instructions,
+    compose_news,
     estimate_tokens,
     greeting_instruction,
     load_persona,
@@ -309,3 +310,17 @@ def test_greeting_generic_when_name_unknown(persona: Persona, mem: MemoryContext
     text = greeting_instruction(persona, "call", mem)
     assert persona.greetings["unknown"] in text
     assert "{" not in text
+
+
+def test_news_from_another_channel_has_its_own_heading_and_keeps_the_newest(persona):
+    assert compose_news(persona, []) == ""
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    turns = [
+        MemoryTurn("user", f"fala número {n} " + "x" * 200, "call", now - timedelta(minutes=50 - n))
+        for n in range(40)
+    ]
+    news = compose_news(persona, turns, budget_tokens=400, now=now)
+    assert news.startswith(persona.prompt["news_heading"])
+    assert "fala número 39" in news and "fala número 0 " not in news  # newest kept
+    assert len(news) <= 400 * 4
+    assert persona.prompt["turns_heading"] not in news

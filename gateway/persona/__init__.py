@@ -25,6 +25,7 @@ from gateway.persona.composer import (
     MemoryTurn,
     Persona,
     compose_instructions,
+    compose_news,
     estimate_tokens,
     greeting_instruction,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Persona",
     "PersonaError",
     "compose_instructions",
+    "compose_news",
     "estimate_tokens",
     "greeting_instruction",
     "load_persona",
@@ -74,6 +76,7 @@ PROMPT_FIELDS: dict[str, set[str]] = {
     "returning": set(),
     "summary_heading": set(),
     "turns_heading": set(),
+    "news_heading": set(),
     "user_label": set(),
     "assistant_label": set(),
     "clipped": set(),

@@ -104,6 +104,22 @@ def compose_instructions(
     return f"{head}{SECTION_SEP}{history}" if history else head
 
 
+def compose_news(
+    persona: Persona,
+    turns: list[MemoryTurn],
+    *,
+    budget_tokens: int = 1500,
+    now: datetime | None = None,
+) -> str:
+    """What a session opened earlier has not seen: the person's turns on another channel since,
+    under their own heading, newest kept first within the budget ("" when there is nothing)."""
+    if not turns:
+        return ""
+    return _history_section(
+        persona, turns, budget_tokens * CHARS_PER_TOKEN, now, heading=persona.prompt["news_heading"]
+    )
+
+
 def greeting_instruction(
     persona: Persona, channel: Channel, memory: MemoryContext | None = None
 ) -> str:
@@ -143,10 +159,14 @@ def _who_section(persona: Persona, memory: MemoryContext | None, now: datetime |
 
 
 def _history_section(
-    persona: Persona, turns: list[MemoryTurn], room: int, now: datetime | None
+    persona: Persona,
+    turns: list[MemoryTurn],
+    room: int,
+    now: datetime | None,
+    heading: str | None = None,
 ) -> str:
     """The heading plus as many of the newest turns as fit in ``room`` characters."""
-    heading = persona.prompt["turns_heading"]
+    heading = heading or persona.prompt["turns_heading"]
     room -= len(heading)
     ordered = sorted(turns, key=lambda t: _aware(t.at))
     reference = now if now is not None else ordered[-1].at

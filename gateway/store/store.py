@@ -241,6 +241,24 @@ class Store(LifecycleQueries):
             for r in reversed(rows)
         ]
 
+    async def turns_since(
+        self, person_id: int, after_turn_id: int, other_than_conversation: int | None
+    ) -> list[Turn]:
+        """What the person said or heard after a turn id, in any other conversation, oldest
+        first: the news a session opened before them has not seen."""
+        async with self._db.execute(
+            "SELECT t.*, c.channel FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+            "WHERE c.person_id = ? AND t.id > ? AND t.conversation_id IS NOT ? "
+            "AND t.role IN ('user', 'assistant') ORDER BY t.id",
+            (person_id, after_turn_id, other_than_conversation),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            Turn(r["id"], r["conversation_id"], r["channel"], r["role"], r["text"],
+                 r["audio_ms"], r["at"])
+            for r in rows
+        ]  # fmt: skip
+
     # the durable inbound queue
     async def accept_inbound(
         self, message_sid: str, person_id: int, payload: dict[str, Any]
