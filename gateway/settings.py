@@ -72,6 +72,12 @@ class Settings:
     summary_retry_s: float = 30.0
     conversation_idle_s: float = 1800.0
     prices_file: Path = Path("config/prices.toml")
+    whatsapp_burst: int = 5
+    whatsapp_per_hour: int = 40
+    daily_budget_usd: float = 2.0
+    max_live_calls: int = 100
+    max_parked_calls: int = 50
+    media_read_deadline_s: float = 30.0
 
     @property
     def sandbox_realtime(self) -> bool:
@@ -150,6 +156,16 @@ class Settings:
             summary_retry_s=reader.number("SUMMARY_RETRY_S", 30.0, 0.05, 3600.0),
             conversation_idle_s=reader.number("CONVERSATION_IDLE_S", 1800.0, 0.1, 7 * 86400.0),
             prices_file=Path(reader.text("PRICES_FILE", "config/prices.toml")),
+            # Guardrails: per person, WhatsApp turns (a token bucket: a burst, then so many an
+            # hour; extra messages wait and are answered together) and a daily spend in USD
+            # (0 turns the budget off); globally, paid Realtime sessions held at once.
+            whatsapp_burst=reader.integer("WHATSAPP_BURST", 5, 1, 1000),
+            whatsapp_per_hour=reader.integer("WHATSAPP_PER_HOUR", 40, 1, 100000),
+            daily_budget_usd=reader.number("DAILY_BUDGET_USD", 2.0, 0.0, 100000.0),
+            max_live_calls=reader.integer("MAX_LIVE_CALLS", 100, 1, 10000),
+            max_parked_calls=reader.integer("MAX_PARKED_CALLS", 50, 1, 10000),
+            # A media body that drips in slower than this is cut: a worker slot is not a hostage.
+            media_read_deadline_s=reader.number("MEDIA_READ_DEADLINE_S", 30.0, 0.1, 600.0),
         )
 
 
