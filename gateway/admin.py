@@ -14,7 +14,7 @@ from gateway.dashboard import admin_only
 from gateway.observability import mask_number
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Person, normalize_number
-from gateway.usage import cost_usd
+from gateway.usage import priced
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,7 @@ async def _person(request: web.Request) -> tuple[Runtime, Person | web.Response]
 
 async def usage_report(rt: Runtime, person_id: int) -> dict[str, Any]:
     rows = await rt.store.usage_by_model(person_id)
-    for row in rows:
-        model = row["model"] or rt.settings.realtime_model
-        row["cost_usd"] = cost_usd(rt.prices.get(model), row)
-    costs = [r["cost_usd"] for r in rows]
-    total = None if any(c is None for c in costs) else round(sum(costs), 6)
+    total = priced(rows, rt.prices, rt.settings.realtime_model)
     return {"by_model": rows, "total_cost_usd": total}
 
 

@@ -28,6 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app[RUNTIME] = Runtime(
         settings, persona=load_persona(settings.persona), prices=_prices(settings)
     )
+    app[RUNTIME].holders.register(app[RUNTIME].limits)
     app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx])
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

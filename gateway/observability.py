@@ -132,6 +132,23 @@ FRAME_FORWARD = Histogram(
     buckets=_FRAME_BUCKETS,
     registry=REGISTRY,
 )
+OVER_BUDGET = Counter(
+    "gateway_over_budget_total",
+    "Turns refused because the person's spend today reached DAILY_BUDGET_USD",
+    ["channel"],
+    registry=REGISTRY,
+)
+PEOPLE_OVER_BUDGET = Gauge(
+    "gateway_people_over_budget", "People over their daily budget today (an operator alert)",
+    registry=REGISTRY,
+)  # fmt: skip
+WHATSAPP_LIMITED = Counter(
+    "gateway_whatsapp_limited_total",
+    "WhatsApp messages held by the per-person turn limit (deferred) or answered in a turn "
+    "together with an earlier one (merged)",
+    ["action"],
+    registry=REGISTRY,
+)
 WHATSAPP_WEBHOOK = Histogram(
     "gateway_whatsapp_webhook_seconds",
     "WhatsApp webhook: request received to 200 answered",

@@ -56,6 +56,16 @@ class GiveUp(Exception):
         self.reason = reason
 
 
+class Defer(Exception):
+    """A limit holds the message (not a failure): pending again after `delay_s`, no attempt
+    counted; the person's later messages keep waiting behind it."""
+
+    def __init__(self, delay_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with a little jitter, so retries of many messages do not align."""
@@ -261,6 +271,11 @@ class InboundWorker:
             return "failed"
         except RetryLater as err:
             return await self._retry(message, err.reason)
+        except Defer as held:
+            log.info("whatsapp %s: %s; waiting %.1f s", sid, held.reason, held.delay_s)
+            await self.store.defer_inbound(sid, held.delay_s, held.reason)
+            self.wake()  # the claim loop may be sleeping past the new due time
+            return "deferred"
         except Exception as err:  # a bug must not kill the worker; the message is retried
             log.exception("whatsapp %s: unexpected error", sid)
             return await self._retry(message, f"unexpected {type(err).__name__}")

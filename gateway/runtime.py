@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.limits import Limits
 from gateway.memory import MemoryHolders
 from gateway.settings import Settings
 
@@ -43,6 +44,10 @@ class Runtime:
     realtime_sim: Any = None  # gateway.sim.realtime.RealtimeSimulator in the sandbox
     twilio_sim: Any = None  # gateway.sim.twilio.TwilioSimulator in the sandbox
     _signatures: TwilioSignatures | None = field(default=None, repr=False)
+    limits: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = Limits.from_settings(self.settings)
 
     @property
     def voice(self) -> str:

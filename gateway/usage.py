@@ -53,6 +53,17 @@ def cost_usd(prices: Prices | None, row: dict[str, Any]) -> float | None:
     return total / MILLION
 
 
+def priced(
+    rows: list[dict[str, Any]], prices: dict[str, Prices], default_model: str
+) -> float | None:
+    """Adds `cost_usd` to each per-model usage row; returns the total, None if a model has
+    no price (a total that leaves a model out would understate the spend)."""
+    for row in rows:
+        row["cost_usd"] = cost_usd(prices.get(row["model"] or default_model), row)
+    costs = [row["cost_usd"] for row in rows]
+    return None if any(c is None for c in costs) else round(sum(costs), 6)
+
+
 def token_counts(usage: dict[str, Any]) -> dict[str, int]:
     """The store's usage columns from a Realtime `response.done.usage`."""
     details_in = usage.get("input_token_details") or {}

@@ -59,6 +59,10 @@ MESSAGE_KEYS: tuple[str, ...] = (
     "empty_message",
     "processing_error",
     "data_deletion_ack",
+    "calls_busy_say",
+    "rate_limited",
+    "over_budget",
+    "over_budget_say",
 )
 METADATA_KEYS = ("name", "display_name", "voice", "language", "say_voice", "utc_offset")
 CHANNEL_KEYS = ("label", "instructions", "greeting")

@@ -99,15 +99,19 @@ class LifecycleQueries:
         )
 
     # usage
-    async def usage_by_model(self, person_id: int) -> list[dict[str, Any]]:
-        """Totals per model (a price applies per model) for one person."""
+    async def usage_by_model(
+        self, person_id: int, since: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Totals per model (a price applies per model) for one person, from `since` (an
+        ISO time, UTC) if given."""
         async with self._db.execute(
             "SELECT COALESCE(model, '') AS model, COUNT(*) AS responses, "
             "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, "
             "SUM(input_audio_tokens) AS input_audio_tokens, "
             "SUM(output_audio_tokens) AS output_audio_tokens, "
-            "SUM(audio_seconds) AS audio_seconds FROM usage WHERE person_id = ? GROUP BY model",
-            (person_id,),
+            "SUM(audio_seconds) AS audio_seconds FROM usage WHERE person_id = ? AND at >= ? "
+            "GROUP BY model",
+            (person_id, since or ""),
         ) as cur:
             return [dict(row) for row in await cur.fetchall()]
 

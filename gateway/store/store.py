@@ -288,16 +288,7 @@ class Store(LifecycleQueries):
             (stamp, stamp, stale),
         ) as cur:
             row = await cur.fetchone()
-        if row is None:
-            return None
-        return InboundMessage(
-            row["message_sid"],
-            row["person_id"],
-            json.loads(row["payload"]),
-            row["status"],
-            row["attempts"],
-            row["received_at"],
-        )
+        return None if row is None else _inbound(row)
 
     async def release_stale_processing(self) -> int:
         """At start-up nothing is in flight, so any 'processing' row was cut off by a crash."""
@@ -325,6 +316,43 @@ class Store(LifecycleQueries):
             "UPDATE inbound_messages SET status = ?, error = ?, next_try_at = ?, updated_at = ? "
             "WHERE message_sid = ?",
             (status, error, next_try, now.isoformat(timespec="milliseconds"), message_sid),
+        )
+
+    async def defer_inbound(self, message_sid: str, delay_s: float, reason: str) -> None:
+        """Back to pending until `delay_s` from now, the claim not counted as an attempt: a
+        message held by a limit has not failed."""
+        now = datetime.now(UTC)
+        await self._db.execute(
+            "UPDATE inbound_messages SET status = 'pending', attempts = MAX(0, attempts - 1), "
+            "error = ?, next_try_at = ?, updated_at = ? WHERE message_sid = ?",
+            (
+                reason,
+                (now + timedelta(seconds=delay_s)).isoformat(timespec="milliseconds"),
+                now.isoformat(timespec="milliseconds"),
+                message_sid,
+            ),
+        )
+
+    async def waiting_behind(self, message: InboundMessage) -> list[InboundMessage]:
+        """The person's messages merged into this one already (a resumed turn), then those
+        pending behind it, oldest first: held back by it, so no other task claims them."""
+        async with self._db.execute(
+            "SELECT * FROM inbound_messages WHERE merged_into = ? OR (person_id = ? AND "
+            "status = 'pending' AND merged_into IS NULL AND rowid > (SELECT rowid FROM "
+            "inbound_messages WHERE message_sid = ?)) ORDER BY rowid",
+            (message.message_sid, message.person_id, message.message_sid),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_inbound(row) for row in rows]
+
+    async def merge_into(self, message_sid: str, merged: list[str]) -> None:
+        """These messages are answered by `message_sid`'s reply: done, pointing at it."""
+        stamp = utcnow()
+        marks = ", ".join("?" * len(merged))
+        await self._db.execute(
+            "UPDATE inbound_messages SET status = 'done', merged_into = ?, updated_at = ? "
+            f"WHERE message_sid IN ({marks}) AND status = 'pending'",
+            (message_sid, stamp, *merged),
         )
 
     async def inbound_status(self, message_sid: str) -> str | None:
@@ -652,6 +680,17 @@ _STATUS_RANKS = {
     "undelivered": 5,
     "failed": 5,
 }
+
+
+def _inbound(row: Any) -> InboundMessage:
+    return InboundMessage(
+        row["message_sid"],
+        row["person_id"],
+        json.loads(row["payload"]),
+        row["status"],
+        row["attempts"],
+        row["received_at"],
+    )
 
 
 def status_rank(status: str) -> int:
