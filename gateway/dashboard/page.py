@@ -100,6 +100,7 @@ ol.transcript li { padding: 5px 8px; border-radius: 6px; background: var(--bot);
 ol.transcript li.user { background: var(--user); }
 ol.transcript .role { font-weight: 600; margin-right: 6px; }
 ol.transcript .meta { color: var(--muted); font-size: 12px; margin-left: 6px; }
+p.alert { color: var(--bad); font-weight: 600; }
 </style>
 </head>
 <body>
@@ -112,6 +113,7 @@ ol.transcript .meta { color: var(--muted); font-size: 12px; margin-left: 6px; }
 <main>
   <section id="health"><h2>Saúde</h2><div class="body"></div></section>
   <section id="latency"><h2>Latência (turnos recentes)</h2><div class="body"></div></section>
+  <section id="limits" class="wide"><h2>Limites e alertas</h2><div class="body"></div></section>
   <section id="calls" class="wide"><h2>Chamadas ao vivo</h2><div class="body"></div></section>
   <section id="people" class="wide"><h2>Conversas recentes</h2><div class="body"></div></section>
 </main>
@@ -183,6 +185,26 @@ ol.transcript .meta { color: var(--muted); font-size: 12px; margin-left: 6px; }
       card("Versão", hh.sandbox ? [hh.version, " ", h("span", { class: "badge" }, "sandbox")]
                                 : hh.version),
     ]);
+  }
+
+  function renderLimits(lim) {
+    const N = "num";
+    const usd = (v) => `US$ ${Number(v).toFixed(2)}`;
+    const set = h("p", {}, [
+      `WhatsApp: ${lim.whatsapp_burst} respostas de uma vez, ${lim.whatsapp_per_hour} por hora `,
+      `por pessoa · orçamento diário por pessoa: `,
+      lim.daily_budget_usd > 0 ? usd(lim.daily_budget_usd) : "desligado",
+      ` · chamadas ao vivo no máximo: ${lim.max_live_calls}`,
+      ` · sessões pré-abertas no máximo: ${lim.max_parked_calls}`,
+    ]);
+    if (!lim.alerts.length) {
+      return h("div", {}, [set, h("p", { class: "empty" }, "Nenhum alerta de orçamento hoje.")]);
+    }
+    const alerts = table(
+      [["Quando"], ["Número"], ["Canal"], ["Gasto hoje", N]],
+      lim.alerts.map((a) => [[when(a.at)], [a.number], [CHANNELS[a.channel] ?? a.channel],
+                             [usd(a.spent_usd), N]]));
+    return h("div", {}, [set, h("p", { class: "alert" }, "Orçamento diário atingido:"), alerts]);
   }
 
   function renderCalls(calls) {
@@ -282,6 +304,7 @@ ol.transcript .meta { color: var(--muted); font-size: 12px; margin-left: 6px; }
   function renderAll(snap) {
     draw("health", snap.health, renderHealth);
     draw("latency", snap.latency, renderLatency);
+    draw("limits", snap.limits, renderLimits);
     draw("calls", snap.live_calls, renderCalls);
     draw("people", snap.people, renderPeople);
   }

@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.calls import REGISTRY, LiveCall
 from gateway.health import health_report
 from gateway.observability import mask_number
-from gateway.runtime import RUNTIME
+from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Store, utcnow
 from gateway.store.reports import (
     ConversationReport,
@@ -49,6 +49,23 @@ async def build(app: web.Application) -> dict[str, Any]:
         "live_calls": [live_call(c) for c in calls],
         "latency": latency(samples),
         "people": [person(p) for p in people],
+        "limits": limits(rt),
+    }
+
+
+def limits(rt: Runtime) -> dict[str, Any]:
+    """The owner's limits as set, and who tripped the budget (newest first, masked)."""
+    s, state = rt.settings, rt.limits
+    return {
+        "whatsapp_burst": s.whatsapp_burst,
+        "whatsapp_per_hour": s.whatsapp_per_hour,
+        "daily_budget_usd": s.daily_budget_usd,
+        "max_live_calls": s.max_live_calls,
+        "max_parked_calls": s.max_parked_calls,
+        "alerts": [
+            {"at": a.at, "number": a.number, "spent_usd": a.spent_usd, "channel": a.channel}
+            for a in reversed(state.alerts[-20:])
+        ],
     }
 
 
