@@ -61,6 +61,7 @@ from gateway.privacy import note_erasure_request
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Erased, Person, normalize_number
 from gateway.twilio_api import signature_refused
+from gateway.twilio_fields import BadFields, check_voice_call
 from gateway.usage import token_counts
 
 log = logging.getLogger(__name__)
@@ -411,15 +412,48 @@ class LiveCall:
 
 
 class CallRegistry:
-    """Pre-opened calls waiting for their media stream, keyed by a one-time token."""
+    """Calls by CallSid: parked ones (pre-opened, waiting for their media stream, each with a
+    one-time token) and live ones, and the caps that bound both.
 
-    def __init__(self, claim_timeout_s: float) -> None:
+    Every decision here is synchronous: the webhook checks and parks with no await between,
+    so calls arriving at once cannot all pass the same check.
+    """
+
+    def __init__(
+        self, claim_timeout_s: float, max_live_calls: int = 100, max_parked_calls: int = 50
+    ) -> None:
         self.claim_timeout_s = claim_timeout_s
-        self._waiting: dict[str, LiveCall] = {}
+        self.max_live_calls = max_live_calls
+        self.max_parked_calls = max_parked_calls
+        self._waiting: dict[str, tuple[str, LiveCall]] = {}  # CallSid -> (token, call)
         self.live: dict[str, LiveCall] = {}
 
+    @property
+    def parked_count(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def live_count(self) -> int:
+        return len(self.live)
+
+    def capacity_problem(self) -> str | None:
+        """Why one more call cannot be answered now, or None.
+
+        A parked call is live within seconds, so it counts against the live cap too: calls
+        arriving together cannot take the gateway past MAX_LIVE_CALLS."""
+        live, parked = self.live_count, self.parked_count
+        if live + parked >= self.max_live_calls:
+            return f"{live} live and {parked} parked calls, live cap {self.max_live_calls}"
+        if parked >= self.max_parked_calls:
+            return f"{parked} parked calls, cap {self.max_parked_calls}"
+        return None
+
+    def parked_token(self, call_sid: str) -> str | None:
+        entry = self._waiting.get(call_sid)
+        return entry[0] if entry is not None else None
+
     def _calls_of(self, person_id: int) -> list[LiveCall]:
-        calls = [*self._waiting.values(), *self.live.values()]
+        calls = [*(call for _, call in self._waiting.values()), *self.live.values()]
         return [c for c in calls if c.person is not None and c.person.id == person_id]
 
     async def forget(self, person_id: int) -> None:
@@ -432,29 +466,41 @@ class CallRegistry:
 
     def park(self, call: LiveCall) -> str:
         token = secrets.token_urlsafe(24)
-        self._waiting[token] = call
-        asyncio.get_running_loop().call_later(self.claim_timeout_s, self._expire, token)
+        self._waiting[call.call_sid] = (token, call)
+        asyncio.get_running_loop().call_later(
+            self.claim_timeout_s, self._expire, call.call_sid, token
+        )
         return token
+
+    def unpark(self, call: LiveCall) -> None:
+        """The call could not be answered after all: its slot is free again."""
+        entry = self._waiting.get(call.call_sid)
+        if entry is not None and entry[1] is call:
+            del self._waiting[call.call_sid]
 
     def claim(self, token: str, call_sid: str | None) -> LiveCall | None:
         """The one call this token was made for; a token works once, for its own CallSid."""
-        call = self._waiting.get(token)
-        if call is None or call.call_sid != call_sid:
+        entry = self._waiting.get(call_sid) if call_sid is not None else None
+        if entry is None or entry[0] != token:
             return None
-        del self._waiting[token]
+        call = entry[1]
+        del self._waiting[call.call_sid]
         self.live[call.call_sid] = call
         return call
 
-    def _expire(self, token: str) -> None:
-        call = self._waiting.pop(token, None)
-        if call is not None:
-            log.warning("%s: media stream never came; closing its session", call.log_id)
-            call._spawn(call.end("media stream never came"))
+    def _expire(self, call_sid: str, token: str) -> None:
+        entry = self._waiting.get(call_sid)
+        if entry is None or entry[0] != token:
+            return  # claimed, or a later call with the same CallSid parked since
+        del self._waiting[call_sid]
+        call = entry[1]
+        log.warning("%s: media stream never came; closing its session", call.log_id)
+        call._spawn(call.end("media stream never came"))
 
     async def close_all(self) -> None:
         """Shutdown: every call ends at once (phones closed first, so Twilio's <Say> runs),
         each bounded, so the slowest call bounds the wait, not their sum."""
-        calls = [*self._waiting.values(), *self.live.values()]
+        calls = [*(call for _, call in self._waiting.values()), *self.live.values()]
         self._waiting.clear()
         await asyncio.gather(*(call.end("gateway shutting down") for call in calls))
         await asyncio.gather(*(call.drain() for call in calls))
@@ -464,22 +510,84 @@ REGISTRY = web.AppKey("calls", CallRegistry)
 
 
 async def voice_webhook(request: web.Request) -> web.Response:
+    """Twilio asks what to do with a ringing call. Everything that costs nothing comes first:
+    signature, field formats, a repeat of a call we hold, the caps; then the store and the
+    Realtime session."""
     rt = request.app[RUNTIME]
     if not await rt.signatures.form_ok(request):
         return signature_refused(request, "voice")
     form = await request.post()
-    call_sid = str(form.get("CallSid", ""))
-    if not call_sid.startswith("CA"):
-        return web.Response(status=400, text="missing CallSid")
+    try:
+        call_sid = check_voice_call(form, rt.twilio_account_sid)
+    except BadFields as err:
+        return _bad_fields(err)
     caller = str(form.get("From", ""))
-    CALLS.inc()
+    registry = request.app[REGISTRY]
     with correlated(f"call={call_sid}"):  # inherited by the call's upstream task
-        person, conversation_id = await _person_and_conversation(rt, caller, call_sid)
-        call = LiveCall(rt, call_sid, person, conversation_id)
-        token = request.app[REGISTRY].park(call)
-        call.open_upstream()
-        log.info("call answered, session opening")
-    return web.Response(text=_twiml(rt, caller, call_sid, token), content_type="text/xml")
+        if call_sid in registry.live:
+            return _repeat_of_live_call()
+        if (token := registry.parked_token(call_sid)) is not None:
+            # Twilio retrying a webhook whose answer it lost: the same stream, the same
+            # token, so the one parked session is claimed once, by whichever answer is used.
+            log.info("call asked for again while parked: same stream")
+            return _xml(_twiml(rt, caller, call_sid, token))
+        if (problem := registry.capacity_problem()) is not None:
+            return _at_capacity(rt, problem)
+        call = LiveCall(rt, call_sid, None, None)
+        token = registry.park(call)  # before any await: a repeat now finds it parked
+        await _answer(rt, registry, call, caller)
+    return _xml(_twiml(rt, caller, call_sid, token))
+
+
+async def _answer(rt: Runtime, registry: CallRegistry, call: LiveCall, caller: str) -> None:
+    """The parked call's person and conversation, then its Realtime session."""
+    try:
+        call.person, call.conversation_id = await _person_and_conversation(
+            rt, caller, call.call_sid
+        )
+    except BaseException:
+        registry.unpark(call)
+        call._spawn(call.end("could not be answered"))  # a stream that claimed it is closed
+        raise
+    CALLS.inc()
+    if call.finished.is_set():  # expired while the store was slow: end its conversation
+        if call.conversation_id is not None:
+            call._write(call._finish_conversation(call.conversation_id))
+        return
+    call.open_upstream()
+    log.info("call answered, session opening")
+
+
+def _bad_fields(err: BadFields) -> web.Response:
+    # The field's name only: its value may be a phone number, or whatever a forger chose.
+    log.warning("voice webhook refused: %s", err)
+    ERRORS.labels("voice_bad_fields").inc()
+    return web.Response(status=400, text=f"bad {err.field}")
+
+
+def _repeat_of_live_call() -> web.Response:
+    # Twilio already has this call's stream (it connected with our TwiML), so a second
+    # webhook for it is a replay, not Twilio: an empty <Response/> starts no stream, speaks
+    # no apology for a problem that does not exist and costs nothing. The live call goes on.
+    log.warning("webhook for a call already live refused: no second stream")
+    ERRORS.labels("voice_repeat_live").inc()
+    return _xml(str(VoiceResponse()))
+
+
+def _at_capacity(rt: Runtime, problem: str) -> web.Response:
+    log.warning("call refused at capacity: %s", problem)
+    ERRORS.labels("call_capacity").inc()
+    persona = rt.persona
+    response = VoiceResponse()
+    response.say(
+        persona.messages["calls_busy_say"], language=persona.language, voice=persona.say_voice
+    )
+    response.hangup()
+    return _xml(str(response))
+
+
+def _xml(twiml: str) -> web.Response:
+    return web.Response(text=twiml, content_type="text/xml")
 
 
 async def _person_and_conversation(
@@ -580,7 +688,10 @@ def _parse(text: str) -> Any:
 
 
 def setup(app: web.Application, claim_timeout_s: float) -> None:
-    app[REGISTRY] = CallRegistry(claim_timeout_s)
+    settings = app[RUNTIME].settings
+    app[REGISTRY] = CallRegistry(
+        claim_timeout_s, settings.max_live_calls, settings.max_parked_calls
+    )
     app[RUNTIME].holders.register(app[REGISTRY])
     app.router.add_post("/webhook/voice", voice_webhook)
     app.router.add_get("/media-stream", media_stream)

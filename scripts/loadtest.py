@@ -1495,6 +1495,9 @@ def _gateway_env(
         "VAD_SILENCE_MS": str(cfg.vad_silence_ms),
         "VAD_THRESHOLD": str(cfg.vad_threshold),
         "LOG_LEVEL": options.log_level,
+        # The load is what is measured, not the gateway's caps: every call must get a line.
+        "MAX_LIVE_CALLS": str(cfg.calls + cfg.warmup + 10),
+        "MAX_PARKED_CALLS": str(cfg.calls + cfg.warmup + 10),
     }
 
 
