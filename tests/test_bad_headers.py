@@ -58,20 +58,20 @@ BAD_REQUESTS = {
     "content type not utf-8": (
         [b"Content-Type: text/\xff; charset=\xfe", b"X-Twilio-Signature: a"],
         b"MessageSid=SM1",
-    ),  # fmt: skip
+    ),
     "charset unknown": (
         [
             b"Content-Type: application/x-www-form-urlencoded; charset=klingon",
             b"X-Twilio-Signature: a",
         ],
         b"Body=%FF",
-    ),  # fmt: skip
+    ),
     "form value not utf-8": ([FORM, b"X-Twilio-Signature: a"], b"Body=%FF%FE&From=%C3"),
     "raw body not utf-8": ([FORM, b"X-Twilio-Signature: a"], b"\xff\xfe\x00=\x80"),
     "multipart broken": (
         [b"Content-Type: multipart/form-data; boundary=\xff", b"X-Twilio-Signature: a"],
         b"--\xff\r\n\r\n",
-    ),  # fmt: skip
+    ),
     "host not utf-8": ([FORM, b"X-Twilio-Signature: a", b"X-Forwarded-Host: \xff"], b"a=b"),
 }
 
@@ -92,6 +92,6 @@ async def test_bad_header_or_form_bytes_on_a_webhook_get_a_4xx(case, path, start
 )
 async def test_bad_header_bytes_on_the_media_stream_get_a_4xx(header, start_gateway, live_env):
     gateway = await start_gateway(live_env)
-    request = (b"GET /media-stream HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-               b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" + header + b"\r\n\r\n")  # fmt: skip
+    upgrade = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    request = b"GET /media-stream HTTP/1.1\r\nHost: x\r\n" + upgrade + header + b"\r\n\r\n"
     assert 400 <= await raw_request(gateway.url, request) < 500
