@@ -535,16 +535,25 @@ async def voice_webhook(request: web.Request) -> web.Response:
             return _at_capacity(rt, problem)
         call = LiveCall(rt, call_sid, None, None)
         token = registry.park(call)  # before any await: a repeat now finds it parked
-        await _answer(rt, registry, call, caller)
+        if not await _answer(rt, registry, call, caller):
+            return _say_and_hang_up(rt, "over_budget_say")
     return _xml(_twiml(rt, caller, call_sid, token))
 
 
-async def _answer(rt: Runtime, registry: CallRegistry, call: LiveCall, caller: str) -> None:
-    """The parked call's person and conversation, then its Realtime session."""
+async def _answer(rt: Runtime, registry: CallRegistry, call: LiveCall, caller: str) -> bool:
+    """The parked call's person and conversation, then its Realtime session; False (and
+    nothing opened or written) when the caller's daily budget is spent."""
     try:
-        call.person, call.conversation_id = await _person_and_conversation(
-            rt, caller, call.call_sid
-        )
+        person = await _person(rt, caller, call.call_sid)
+        if person is not None and await rt.limits.over_budget(rt, person, "call"):
+            registry.unpark(call)
+            log.warning("call refused: the caller's daily budget is spent")
+            return False
+        call.person = person
+        if person is not None:
+            call.conversation_id = await rt.store.start_conversation(
+                person.id, "call", call.call_sid
+            )
     except BaseException:
         registry.unpark(call)
         call._spawn(call.end("could not be answered"))  # a stream that claimed it is closed
@@ -553,9 +562,10 @@ async def _answer(rt: Runtime, registry: CallRegistry, call: LiveCall, caller: s
     if call.finished.is_set():  # expired while the store was slow: end its conversation
         if call.conversation_id is not None:
             call._write(call._finish_conversation(call.conversation_id))
-        return
+        return True
     call.open_upstream()
     log.info("call answered, session opening")
+    return True
 
 
 def _bad_fields(err: BadFields) -> web.Response:
@@ -577,11 +587,14 @@ def _repeat_of_live_call() -> web.Response:
 def _at_capacity(rt: Runtime, problem: str) -> web.Response:
     log.warning("call refused at capacity: %s", problem)
     ERRORS.labels("call_capacity").inc()
+    return _say_and_hang_up(rt, "calls_busy_say")
+
+
+def _say_and_hang_up(rt: Runtime, message: str) -> web.Response:
+    """A call we will not take: the persona's words in Twilio's <Say>, then the end."""
     persona = rt.persona
     response = VoiceResponse()
-    response.say(
-        persona.messages["calls_busy_say"], language=persona.language, voice=persona.say_voice
-    )
+    response.say(persona.messages[message], language=persona.language, voice=persona.say_voice)
     response.hangup()
     return _xml(str(response))
 
@@ -590,16 +603,13 @@ def _xml(twiml: str) -> web.Response:
     return web.Response(text=twiml, content_type="text/xml")
 
 
-async def _person_and_conversation(
-    rt: Runtime, caller: str, call_sid: str
-) -> tuple[Person | None, int | None]:
+async def _person(rt: Runtime, caller: str, call_sid: str) -> Person | None:
     try:
         number = normalize_number(caller)
     except ValueError:
         log.info("call %s: caller id withheld; no memory for this call", call_sid)
-        return None, None
-    person = await rt.store.person_for(number)
-    return person, await rt.store.start_conversation(person.id, "call", call_sid)
+        return None
+    return await rt.store.person_for(number)
 
 
 def _twiml(rt: Runtime, caller: str, call_sid: str, token: str) -> str:
