@@ -1,16 +1,18 @@
 """WhatsApp: POST /webhook/whatsapp, POST /webhook/whatsapp/status, and the message pipeline.
 
-The webhook checks Twilio's signature, stores the message in the durable queue (keyed by
-MessageSid) and answers an empty TwiML at once: the reply can take longer than the 15 s
-Twilio waits, so it goes back through the REST API. A worker (gateway.queue) runs each row
-through the pipeline, one small function per step:
+The webhook checks Twilio's signature and then the identifiers' formats (a signature holds
+for a captured form re-split into other fields, see gateway.twilio_fields), stores the
+message in the durable queue (keyed by MessageSid) and answers an empty TwiML at once: the
+reply can take longer than the 15 s Twilio waits, so it goes back through the REST API. A
+worker (gateway.queue) runs each row through the pipeline, one small function per step:
 
     download -> decode -> Realtime turn (gateway.voice_notes) -> publish (gateway.media) -> send
 
 The reply is saved before it is sent and each sent part is recorded, so a retry or a restart
-resends only what is missing. Bad input (an image, a broken or huge file, an empty message)
-gets a short fixed reply from the persona, never a crash; logs carry the MessageSid and at most
-a masked phone number.
+resends only what is missing. Bad input (an image, a broken, truncated, huge or endlessly
+slow file, a MediaUrl that is not http(s), an empty message) gets a short fixed reply from
+the persona at once, never a crash; logs carry the MessageSid and at most a masked phone
+number.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from gateway.store import Erased, InboundMessage, normalize_number
 from gateway.store.store import Arrival, WhatsAppReply
 from gateway.transcode import AudioDecodeError, decode_to_pcm24k
 from gateway.twilio_api import media_auth_allowed, signature_refused
+from gateway.twilio_fields import BadFields, check_message_status, check_whatsapp_message
 from gateway.voice_notes import (
     AudioInput,
     PersonErased,
@@ -64,7 +67,9 @@ SEND_RETRY_DELAYS_S = (0.25, 0.5, 1.0)  # in-line retries of a Twilio 5xx/429; t
 SEND_GRACE_S = 2.0  # at shutdown, how long a started Twilio request may still take
 MEDIA_NOT_FOUND_RETRY_S = (1.0, 2.0)  # Twilio's media can 404 briefly right after the webhook
 MAX_REDIRECTS = 5
-DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+# No total here: one deadline (settings.media_read_deadline_s) covers the whole download.
+DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10)
+MEDIA_SCHEMES = ("http", "https")
 READ_CHUNK = 64 * 1024
 OUTSIDE_WINDOW = 63016
 # Messages without media that are not text either: the persona's "unsupported" reply.
@@ -154,9 +159,41 @@ class Download:
 
 
 async def download_media(
+    http: aiohttp.ClientSession, url: str, auth: MediaAuth, max_bytes: int, deadline_s: float
+) -> Download:
+    """GET a MediaUrl, all of it (404 retries, redirects, body) within one deadline.
+
+    A host still dripping the file at the deadline is a permanent failure, like a broken
+    file: the person is asked to send it again. A retry would hold a worker slot for another
+    full deadline per attempt (minutes over the queue's attempts) while Twilio's CDN delivers
+    a voice note in well under a second: a host that slow will not do better next time.
+    """
+    _check_media_url(url)
+    deadline = asyncio.timeout(deadline_s)
+    try:
+        async with deadline:
+            return await _download(http, url, auth, max_bytes)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise BadInput("corrupt_audio", f"media not read within {deadline_s:g} s") from None
+
+
+def _check_media_url(url: str) -> None:
+    """Only an http(s) URL with a host is fetched: file:, ftp: or garbage fails at once."""
+    try:
+        parts = urlsplit(url)
+        fetchable = parts.scheme in MEDIA_SCHEMES and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        fetchable = False
+    if not fetchable:
+        raise BadInput("corrupt_audio", "media URL is not an http(s) URL")
+
+
+async def _download(
     http: aiohttp.ClientSession, url: str, auth: MediaAuth, max_bytes: int
 ) -> Download:
-    """GET a MediaUrl; a brief 404 is retried, as Twilio's media can lag the webhook."""
+    """A brief 404 is retried, as Twilio's media can lag the webhook."""
     for delay in (*MEDIA_NOT_FOUND_RETRY_S, None):
         status, result = await _fetch(http, url, auth, max_bytes)
         if result is not None:
@@ -189,15 +226,23 @@ async def _fetch(
                 if response.status != 200:
                     return response.status, None
                 return 200, await _read_limited(response, max_bytes)
+    except aiohttp.ClientPayloadError as err:
+        # The host closed before its Content-Length (or broke its chunking): it sent all it
+        # will, and a retry gets the same truncated file. Permanent, like a corrupt one.
+        raise BadInput("corrupt_audio", f"media body incomplete: {type(err).__name__}") from err
+    except aiohttp.InvalidURL as err:
+        raise BadInput("corrupt_audio", "media URL not fetchable") from err
     except (aiohttp.ClientError, TimeoutError) as err:
         raise MediaUnavailable(f"media download failed: {type(err).__name__}") from err
     raise BadInput("corrupt_audio", "too many redirects")
 
 
 def _redirect_target(current: str, location: str) -> str:
-    target = urljoin(current, location)
-    if urlsplit(target).scheme not in ("http", "https"):
-        raise BadInput("corrupt_audio", "media redirected to a non-http URL")
+    try:
+        target = urljoin(current, location)
+    except ValueError:  # a Location no URL parser accepts
+        target = ""
+    _check_media_url(target)
     return target
 
 
@@ -395,7 +440,11 @@ class WhatsAppChannel:
         assert self.http is not None and inbound.media_url is not None
         settings = self.rt.settings
         download = await download_media(
-            self.http, inbound.media_url, self._media_auth(), settings.max_media_bytes
+            self.http,
+            inbound.media_url,
+            self._media_auth(),
+            settings.max_media_bytes,
+            settings.media_read_deadline_s,
         )
         return await decode_voice_note(download, settings.max_voice_note_s)
 
@@ -539,9 +588,10 @@ async def webhook(request: web.Request) -> web.Response:
     if not await rt.signatures.form_ok(request):
         return signature_refused(request, "whatsapp")
     form = await request.post()
-    sid = str(form.get("MessageSid", ""))
-    if not sid:
-        return web.Response(status=400, text="missing MessageSid")
+    try:  # the signature holds for a re-split form too: the fields must be Twilio's
+        sid = check_whatsapp_message(form, rt.twilio_account_sid)
+    except BadFields as err:
+        return _bad_fields("whatsapp", err)
     try:
         e164 = normalize_number(str(form.get("From", "")))
     except ValueError:
@@ -562,6 +612,14 @@ async def webhook(request: web.Request) -> web.Response:
     return web.Response(text=EMPTY_TWIML, content_type="text/xml")
 
 
+def _bad_fields(kind: str, err: BadFields) -> web.Response:
+    """Refused before any store write or cost. Logged by field name only: the value may be
+    a phone number, or whatever a forger chose."""
+    log.warning("%s webhook refused: %s", kind, err)
+    ERRORS.labels(f"{kind}_bad_fields").inc()
+    return web.Response(status=400, text=f"bad {err.field}")
+
+
 def _profile_name(form: Any) -> str | None:
     name = " ".join(str(form.get("ProfileName", "")).split())
     return name[:100] or None
@@ -573,9 +631,13 @@ async def status_callback(request: web.Request) -> web.Response:
     if not await rt.signatures.form_ok(request):
         return signature_refused(request, "whatsapp-status")
     form = await request.post()
-    sid, status = str(form.get("MessageSid", "")), str(form.get("MessageStatus", ""))
-    if not sid or not status:
-        return web.Response(status=400, text="missing MessageSid or MessageStatus")
+    try:
+        sid = check_message_status(form, rt.twilio_account_sid)
+    except BadFields as err:
+        return _bad_fields("whatsapp_status", err)
+    status = str(form.get("MessageStatus", ""))
+    if not status:
+        return web.Response(status=400, text="missing MessageStatus")
     code = _error_code(form)
     message = str(form.get("ErrorMessage", ""))[:500] or None
     await rt.store.update_outbound_status(sid, status, code, message)
