@@ -33,6 +33,8 @@ import aiohttp
 import orjson
 from twilio.request_validator import RequestValidator
 
+from gateway.runtime import SANDBOX_ACCOUNT_SID
+
 API_VERSION = "2010-04-01"
 VOICE_PATH = "/webhook/voice"
 FRAME_BYTES = 160  # 20 ms of mu-law at 8 kHz
@@ -601,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN"))
     parser.add_argument(
-        "--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32)
+        "--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", SANDBOX_ACCOUNT_SID)
     )
     parser.add_argument("--from", dest="from_number", default="+5516999990001")
     parser.add_argument("--turns", type=int, default=3)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import aiohttp
 from twilio.request_validator import RequestValidator
 
+from gateway.runtime import SANDBOX_ACCOUNT_SID
+
 API_VERSION = "2010-04-01"
 WEBHOOK_PATH = "/webhook/whatsapp"
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--public-base-url", default=os.environ.get("PUBLIC_BASE_URL"))
     parser.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN"))
     parser.add_argument(
-        "--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32)
+        "--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", SANDBOX_ACCOUNT_SID)
     )
     parser.add_argument("--from", dest="from_number", default="+5516999990001")
     parser.add_argument("--to", dest="to_number", default="+14155238886")
