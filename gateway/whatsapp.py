@@ -21,8 +21,9 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from itertools import takewhile
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -34,13 +35,14 @@ from gateway import media
 from gateway.observability import (
     ERRORS,
     TURNS,
+    WHATSAPP_LIMITED,
     WHATSAPP_REPLY,
     WHATSAPP_WEBHOOK,
     correlated,
     mask_number,
 )
 from gateway.privacy import note_erasure_request
-from gateway.queue import GiveUp, InboundWorker, Intake, RetryLater
+from gateway.queue import Defer, GiveUp, InboundWorker, Intake, RetryLater
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Erased, InboundMessage, normalize_number
 from gateway.store.store import Arrival, WhatsAppReply
@@ -72,6 +74,7 @@ DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10)
 MEDIA_SCHEMES = ("http", "https")
 READ_CHUNK = 64 * 1024
 OUTSIDE_WINDOW = 63016
+WAIT_NOTICE_PART = -1  # "I'll answer shortly", sent before the reply's parts (0, 1, ...)
 # Messages without media that are not text either: the persona's "unsupported" reply.
 NOT_TEXT_TYPES = ("location", "contacts", "sticker", "interactive", "reaction")
 
@@ -387,7 +390,7 @@ class WhatsAppChannel:
             try:
                 reply = await store.reply_for(inbound.message_sid)
                 if reply is None:
-                    reply = await self._compose(inbound, message.attempts)
+                    reply = await self._within_limits(message, inbound)
                     self._still_here(inbound)
                     await store.save_reply(reply)
                     if reply.kind == "model":
@@ -406,6 +409,52 @@ class WhatsAppChannel:
         or sent (ids are never reused, so the tombstone is theirs alone)."""
         if self.rt.holders.erased(inbound.person_id):
             raise PersonErased(f"person {inbound.person_id} was erased")
+
+    async def _within_limits(self, message: InboundMessage, inbound: Inbound) -> WhatsAppReply:
+        """The owner's limits (gateway.limits) before a model turn costs anything: over the
+        daily budget, a polite text; no turn free, the message waits in the queue and the
+        person is told once; else one turn answers it and the texts waiting behind it."""
+        if classify(inbound) not in ("text", "audio"):  # a fixed reply costs no model
+            return await self._compose(inbound, message.attempts)
+        limits = self.rt.limits
+        person = await self.rt.store.person_by_id(inbound.person_id)
+        if person is None:
+            raise GiveUp("the person no longer exists")
+        if await limits.over_budget(self.rt, person, "whatsapp"):
+            await self._merged(message, inbound)  # one polite answer for the whole burst
+            return self._fixed(inbound, "over_budget")
+        wait = limits.take_turn(person.id)
+        if wait > 0:
+            WHATSAPP_LIMITED.labels("deferred").inc()
+            if limits.first_wait(person.id):
+                await self._tell_to_wait(inbound)
+            raise Defer(wait, "turn limit reached")
+        return await self._compose(await self._merged(message, inbound), message.attempts)
+
+    async def _merged(self, message: InboundMessage, inbound: Inbound) -> Inbound:
+        """A text with the texts that waited behind it (already merged ones first, on a
+        resumed turn): one turn, one reply; their rows point at this message."""
+        if classify(inbound) != "text":
+            return inbound
+        behind = await self.rt.store.waiting_behind(message)
+        texts = list(takewhile(lambda m: classify(Inbound.from_message(m)) == "text", behind))
+        fresh = [m.message_sid for m in texts if m.status == "pending"]
+        if fresh:
+            await self.rt.store.merge_into(inbound.message_sid, fresh)
+            WHATSAPP_LIMITED.labels("merged").inc(len(fresh))
+            log.info(
+                "whatsapp %s: answers %d later message(s) too", inbound.message_sid, len(fresh)
+            )
+        bodies = [inbound.body.strip(), *(str(m.payload.get("Body", "")).strip() for m in texts)]
+        return replace(inbound, body="\n".join(bodies))
+
+    async def _tell_to_wait(self, inbound: Inbound) -> None:
+        """Once per wait, recorded with the message so a restart does not say it twice."""
+        sent = await self.rt.store.outbound_for(inbound.message_sid)
+        if any(o.part == WAIT_NOTICE_PART for o in sent):
+            return
+        notice = Part("text", body=self.rt.persona.messages["rate_limited"])
+        await self._send_part(inbound, WAIT_NOTICE_PART, notice)
 
     async def _compose(self, inbound: Inbound, attempts: int) -> WhatsAppReply:
         sid = inbound.message_sid
