@@ -12,6 +12,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
 TICK_S = 0.5  # the core's clock when no message arrives (stall watchdog, end deadline)
 PHONE_CLOSE_TIMEOUT_S = 1.0  # Twilio answers a close at once; a dead peer is cut after this
+ENDED_CALLS_KEPT = 10_000  # CallSids remembered against replays (about 1 MB)
 LOGGED_PROTOCOL_ERRORS = 5  # per call; the rest are counted in /metrics only
 
 
@@ -427,6 +429,7 @@ class CallRegistry:
         self.max_parked_calls = max_parked_calls
         self._waiting: dict[str, tuple[str, LiveCall]] = {}  # CallSid -> (token, call)
         self.live: dict[str, LiveCall] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()  # recent CallSids, oldest first
 
     @property
     def parked_count(self) -> int:
@@ -447,6 +450,18 @@ class CallRegistry:
         if parked >= self.max_parked_calls:
             return f"{parked} parked calls, cap {self.max_parked_calls}"
         return None
+
+    def known(self, call_sid: str) -> bool:
+        """Live, or ended lately: a webhook for it now is a replay (Twilio never reuses one)."""
+        return call_sid in self.live or call_sid in self._ended
+
+    def ended(self, call: LiveCall) -> None:
+        """The call is over: it leaves the live calls and is remembered for replays."""
+        if self.live.get(call.call_sid) is call:
+            del self.live[call.call_sid]
+        self._ended[call.call_sid] = None
+        while len(self._ended) > ENDED_CALLS_KEPT:
+            self._ended.popitem(last=False)
 
     def parked_token(self, call_sid: str) -> str | None:
         entry = self._waiting.get(call_sid)
@@ -494,6 +509,7 @@ class CallRegistry:
             return  # claimed, or a later call with the same CallSid parked since
         del self._waiting[call_sid]
         call = entry[1]
+        self.ended(call)
         log.warning("%s: media stream never came; closing its session", call.log_id)
         call._spawn(call.end("media stream never came"))
 
@@ -524,8 +540,8 @@ async def voice_webhook(request: web.Request) -> web.Response:
     caller = str(form.get("From", ""))
     registry = request.app[REGISTRY]
     with correlated(f"call={call_sid}"):  # inherited by the call's upstream task
-        if call_sid in registry.live:
-            return _repeat_of_live_call()
+        if registry.known(call_sid):
+            return _repeat_of_known_call()
         if (token := registry.parked_token(call_sid)) is not None:
             # Twilio retrying a webhook whose answer it lost: the same stream, the same
             # token, so the one parked session is claimed once, by whichever answer is used.
@@ -575,12 +591,12 @@ def _bad_fields(err: BadFields) -> web.Response:
     return web.Response(status=400, text=f"bad {err.field}")
 
 
-def _repeat_of_live_call() -> web.Response:
-    # Twilio already has this call's stream (it connected with our TwiML), so a second
-    # webhook for it is a replay, not Twilio: an empty <Response/> starts no stream, speaks
-    # no apology for a problem that does not exist and costs nothing. The live call goes on.
-    log.warning("webhook for a call already live refused: no second stream")
-    ERRORS.labels("voice_repeat_live").inc()
+def _repeat_of_known_call() -> web.Response:
+    # Twilio already has this call's stream (it connected with our TwiML), or the call is
+    # over, so a webhook for it now is a replay, not Twilio: an empty <Response/> starts no
+    # stream, speaks no apology for a problem that does not exist and costs nothing.
+    log.warning("webhook for a call live or ended refused: no second stream")
+    ERRORS.labels("voice_replay").inc()
     return _xml(str(VoiceResponse()))
 
 
@@ -648,7 +664,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         finally:
             ACTIVE_CALLS.dec()
             await call.end("phone stream closed")
-            registry.live.pop(call.call_sid, None)
+            registry.ended(call)
             await call.drain()
     return ws
 

@@ -184,6 +184,18 @@ async def test_the_same_webhook_twice_opens_one_session_and_the_call_works(
         assert turn.latency_s is not None and not caller.closed.is_set()
         assert len(realtime_sim.sessions) == 1 and len(greetings(session)) == 1
         assert conversations(gateway) == [caller.call_sid]
+        await caller.hangup()
+        await wait_until_no_live_calls(gateway)
+        # Once the call is over, a replay of its webhook still opens nothing.
+        assert [child.tag for child in twiml(await replay.dial())] == []
+        await asyncio.sleep(0.3)
+        assert len(realtime_sim.sessions) == 1 and conversations(gateway) == [caller.call_sid]
+
+
+async def wait_until_no_live_calls(gateway) -> None:
+    async with asyncio.timeout(10):
+        while gateway.app[REGISTRY].live:  # noqa: ASYNC110 - the registry has no change event
+            await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize(
