@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -47,6 +48,14 @@ async def _stop_channels(app: web.Application) -> None:
     await asyncio.gather(app[calls.REGISTRY].close_all(), app[whatsapp.WHATSAPP].stop())
 
 
+def _simulators_present(settings: Settings) -> None:
+    """The test doubles are their own package, absent from a production image: without it,
+    missing credentials are a configuration error, not a sandbox."""
+    if importlib.util.find_spec("simulators") is None:
+        missing = "OPENAI_API_KEY" if settings.sandbox_realtime else "TWILIO_ACCOUNT_SID"
+        raise SettingsError(missing, "not set, and the simulators (the sandbox) are not installed")
+
+
 def _prices(settings: Settings) -> dict[str, Prices]:
     try:
         return load_prices(settings.prices_file)
@@ -66,15 +75,17 @@ async def _sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
     """Without credentials, the simulators stand in for OpenAI and Twilio, in process."""
     rt = app[RUNTIME]
     settings = rt.settings
+    if settings.sandbox_realtime or settings.sandbox_twilio:
+        _simulators_present(settings)
     if settings.sandbox_realtime:
-        from gateway.sim.realtime import RealtimeSimConfig, RealtimeSimulator
+        from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 
         rt.realtime_sim = RealtimeSimulator(
             RealtimeSimConfig(first_audio_latency_ms=settings.sim_first_audio_ms)
         )
         await rt.realtime_sim.start(host="127.0.0.1", port=0)
     if settings.sandbox_twilio:
-        from gateway.sim.twilio import TwilioSimulator
+        from simulators.twilio import TwilioSimulator
 
         rt.twilio_sim = TwilioSimulator(rt.twilio_account_sid, rt.twilio_auth_token)
         await rt.twilio_sim.start(host="127.0.0.1", port=0)

@@ -41,8 +41,8 @@ class Runtime:
     holders: MemoryHolders = field(default_factory=MemoryHolders)  # told at erasure
     openai: AsyncOpenAI | None = None
     twilio: Any = None  # twilio.rest.Client with the async HTTP client
-    realtime_sim: Any = None  # gateway.sim.realtime.RealtimeSimulator in the sandbox
-    twilio_sim: Any = None  # gateway.sim.twilio.TwilioSimulator in the sandbox
+    realtime_sim: Any = None  # simulators.realtime.RealtimeSimulator in the sandbox
+    twilio_sim: Any = None  # simulators.twilio.TwilioSimulator in the sandbox
     _signatures: TwilioSignatures | None = field(default=None, repr=False)
     limits: Limits = field(init=False)
 

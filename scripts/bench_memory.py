@@ -28,9 +28,9 @@ from gateway.bridge import RealtimeSession, voice_note_session
 from gateway.memory import instructions_for, load_memory_marked, news_since
 from gateway.persona import load_persona
 from gateway.settings import Settings
-from gateway.sim.realtime import RealtimeSimConfig, RealtimeSimulator
 from gateway.store import Store
 from gateway.store.store import WhatsAppReply
+from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 
 
 def quantiles(samples: list[float]) -> str:

@@ -17,7 +17,6 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from gateway.sim.speech import synth_speech
 from gateway.transcode import (
     FRAME_BYTES,
     OpusEncoder,
@@ -27,6 +26,7 @@ from gateway.transcode import (
     pcm16_to_mulaw,
     pcm24k_to_mulaw8k,
 )
+from simulators.speech import synth_speech
 
 NOTE_S = 30
 CALLS = 200

@@ -37,10 +37,10 @@ from twilio.request_validator import RequestValidator
 from gateway.__main__ import new_event_loop
 from gateway.app import create_app
 from gateway.settings import Settings
-from gateway.sim.realtime import RealtimeSimConfig, RealtimeSimulator
-from gateway.sim.speech import speech_pcm24k
-from gateway.sim.twilio import TwilioSimulator
 from gateway.transcode import encode_ogg_opus
+from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
+from simulators.speech import speech_pcm24k
+from simulators.twilio import TwilioSimulator
 
 ACCOUNT_SID = "AC" + "be" * 16
 AUTH_TOKEN = "bench-auth-token"

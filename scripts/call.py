@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.runtime import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN
-from gateway.sim import caller
+from simulators import caller
 
 
 def main() -> None:

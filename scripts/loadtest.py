@@ -8,7 +8,7 @@
     # A burst of 200 signed WhatsApp webhooks (voice notes), reply time at the Twilio simulator:
     .venv/bin/python scripts/loadtest.py --spawn --calls 0 --whatsapp 200
 
-Each caller is `gateway.sim.caller.SimulatedCaller`: the signed voice webhook, the media
+Each caller is `simulators.caller.SimulatedCaller`: the signed voice webhook, the media
 stream, a 160-byte mu-law frame every 20 ms for the whole call (silence between utterances),
 Twilio's playback buffer and mark echoes. A call waits for the greeting to play out, then says
 `--turns` utterances of speech-like audio, each once the previous reply has played out.
@@ -83,10 +83,10 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gateway.runtime import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN  # noqa: E402
-from gateway.sim.caller import FRAME_BYTES, FRAME_S, SimulatedCaller, Turn  # noqa: E402
-from gateway.sim.realtime import RealtimeSimConfig, vad_params, window_power  # noqa: E402
-from gateway.sim.speech import speech_mulaw, speech_pcm24k  # noqa: E402
-from gateway.sim.whatsapp_sender import WebhookResult, WhatsAppSender, new_sid  # noqa: E402
+from simulators.caller import FRAME_BYTES, FRAME_S, SimulatedCaller, Turn  # noqa: E402
+from simulators.realtime import RealtimeSimConfig, vad_params, window_power  # noqa: E402
+from simulators.speech import speech_mulaw, speech_pcm24k  # noqa: E402
+from simulators.whatsapp_sender import WebhookResult, WhatsAppSender, new_sid  # noqa: E402
 
 BYTES_PER_S = 8000  # mu-law at 8 kHz
 GAP_S = 0.040  # a reply frame later than this after the previous one is a gap
@@ -1437,7 +1437,7 @@ async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path) -> 
 @contextlib.asynccontextmanager
 async def spawned_stack(cfg: LoadConfig, options: SpawnOptions) -> AsyncIterator[Stack]:
     """Realtime simulator and gateway as subprocesses, the Twilio simulator in this process."""
-    from gateway.sim.twilio import TwilioSimulator
+    from simulators.twilio import TwilioSimulator
 
     workdir = Path(tempfile.mkdtemp(prefix="almada-loadtest-"))
     twilio = TwilioSimulator(cfg.account_sid, cfg.auth_token)
@@ -1448,7 +1448,7 @@ async def spawned_stack(cfg: LoadConfig, options: SpawnOptions) -> AsyncIterator
     try:
         await twilio.start()
         sim_port, gw_port = free_port(), urlsplit(cfg.gateway_url).port or 80
-        sim_argv = [sys.executable, "-m", "gateway.sim.realtime", "--port", str(sim_port)]
+        sim_argv = [sys.executable, "-m", "simulators.realtime", "--port", str(sim_port)]
         sim_argv += ["--latency-ms", str(cfg.first_audio_ms), "--no-record", "--log-level"]
         sim_argv += ["WARNING", *options.realtime_args]
         sim_log = workdir / "realtime-sim.log"

@@ -4,7 +4,7 @@
     make whatsapp TEXT="Olá, tudo bem?"
     python scripts/send_whatsapp.py --media-url URL --content-type audio/ogg
 
-A thin front over gateway.sim.whatsapp_sender. Defaults fit `make run` in sandbox mode:
+A thin front over simulators.whatsapp_sender. Defaults fit `make run` in sandbox mode:
 gateway http://127.0.0.1:8080 and the sandbox Twilio credentials, unless TWILIO_AUTH_TOKEN
 (and TWILIO_ACCOUNT_SID, PUBLIC_BASE_URL) are set in the environment or a .env file.
 The reply goes out through the gateway's Twilio (the in-process simulator in the sandbox);
@@ -21,7 +21,7 @@ import sys
 from dotenv import load_dotenv
 
 from gateway.runtime import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN
-from gateway.sim.whatsapp_sender import WebhookResult, WhatsAppSender
+from simulators.whatsapp_sender import WebhookResult, WhatsAppSender
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

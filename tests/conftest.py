@@ -15,8 +15,8 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.runtime import RUNTIME, Runtime
 from gateway.settings import Settings
-from gateway.sim.realtime import RealtimeSimConfig, RealtimeSimulator
-from gateway.sim.twilio import TwilioSimulator
+from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
+from simulators.twilio import TwilioSimulator
 
 ACCOUNT_SID = "AC" + "ab" * 16
 AUTH_TOKEN = "test-auth-token"

@@ -11,7 +11,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from gateway.bridge import LinkPolicy, NotJson, RealtimeSession, pump, sdk_socket_available
-from gateway.sim.realtime import RealtimeSimConfig
+from simulators.realtime import RealtimeSimConfig
 from tests.conftest import OPENAI_KEY
 
 SESSION = {"type": "realtime", "instructions": "Olá"}

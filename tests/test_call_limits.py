@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from gateway.calls import REGISTRY
-from gateway.sim.caller import DialResult, SimulatedCaller
-from gateway.sim.realtime import RealtimeSimConfig
-from gateway.sim.speech import speech_mulaw
+from simulators.caller import DialResult, SimulatedCaller
+from simulators.realtime import RealtimeSimConfig
+from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 PUBLIC = "https://gw.example.test"

@@ -16,7 +16,7 @@ from gateway.call_state import (
     SendTwilio,
     UpstreamError,
 )
-from gateway.sim.speech import speech_mulaw
+from simulators.speech import speech_mulaw
 
 SID = "MZ" + "0" * 32
 

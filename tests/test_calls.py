@@ -10,10 +10,10 @@ import time
 import aiohttp
 import pytest
 
-from gateway.realtime_events import check_client_event
-from gateway.sim.caller import SimulatedCaller
-from gateway.sim.realtime import RealtimeSimConfig
-from gateway.sim.speech import speech_mulaw
+from simulators.caller import SimulatedCaller
+from simulators.realtime import RealtimeSimConfig
+from simulators.realtime_events import check_client_event
+from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, free_port
 
 PUBLIC = "https://gw.example.test"

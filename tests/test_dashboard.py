@@ -14,11 +14,11 @@ import pytest
 
 from gateway.dashboard import COOKIE, DATA_URL
 from gateway.dashboard.snapshot import histogram, percentile, summary
-from gateway.sim.caller import SimulatedCaller
-from gateway.sim.realtime import RealtimeSimConfig
-from gateway.sim.speech import speech_mulaw
 from gateway.store import Store
 from gateway.store.reports import latency_samples, recent_people
+from simulators.caller import SimulatedCaller
+from simulators.realtime import RealtimeSimConfig
+from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 ADMIN = "admin-token-for-tests"

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.call_state import CallState, Phase, SendRealtime, SendRealtimeRaw, SendTwilio
-from gateway.realtime_events import check_client_event
+from simulators.realtime_events import check_client_event
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 SID = "MZ" + "0" * 32

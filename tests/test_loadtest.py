@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from gateway.sim.realtime import RealtimeSimConfig
+from simulators.realtime import RealtimeSimConfig
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 FIRST_AUDIO_MS = 60

@@ -9,10 +9,10 @@ import sqlite3
 import aiohttp
 import pytest
 
-from gateway.sim.caller import SimulatedCaller
-from gateway.sim.realtime import RealtimeSimConfig
-from gateway.sim.speech import speech_mulaw
-from gateway.sim.whatsapp_sender import WhatsAppSender
+from simulators.caller import SimulatedCaller
+from simulators.realtime import RealtimeSimConfig
+from simulators.speech import speech_mulaw
+from simulators.whatsapp_sender import WhatsAppSender
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 ANA = "+5516999990001"

@@ -12,9 +12,9 @@ import sqlite3
 import pytest
 
 from gateway.calls import REGISTRY
-from gateway.sim.caller import SimulatedCaller
-from gateway.sim.realtime import RealtimeSimConfig
-from gateway.sim.speech import speech_mulaw
+from simulators.caller import SimulatedCaller
+from simulators.realtime import RealtimeSimConfig
+from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.test_memory import ADMIN, WAIT_S, admin, wait_until, whatsapp_text
 
@@ -216,7 +216,7 @@ async def test_an_erasure_during_a_whatsapp_reply_stores_and_sends_nothing_of_it
         return "Resposta que chega tarde"
 
     realtime_sim.config.reply = slow_reply
-    from gateway.sim.whatsapp_sender import WhatsAppSender
+    from simulators.whatsapp_sender import WhatsAppSender
 
     async with WhatsAppSender(
         gateway.url, gateway.url, AUTH_TOKEN, ACCOUNT_SID, from_number=ANA, profile_name="Ana"

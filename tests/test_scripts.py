@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sim.realtime import RealtimeSimConfig
+from simulators.realtime import RealtimeSimConfig
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.sim.caller import SimulatedCaller
-from gateway.sim.realtime import RealtimeSimConfig
-from gateway.sim.whatsapp_sender import WhatsAppSender
+from simulators.caller import SimulatedCaller
+from simulators.realtime import RealtimeSimConfig
+from simulators.whatsapp_sender import WhatsAppSender
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, OPENAI_KEY, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,13 +19,7 @@ import pytest
 from openai import AsyncOpenAI
 from websockets.exceptions import ConnectionClosed
 
-from gateway.realtime_events import (
-    ClientEventError,
-    ServerEventError,
-    check_client_event,
-    check_server_event,
-)
-from gateway.sim.realtime import (
+from simulators.realtime import (
     ALAW_ENCODE,
     DEFAULT_REPLY,
     MAX_APPEND_BYTES,
@@ -36,7 +30,13 @@ from gateway.sim.realtime import (
     reply_duration_ms,
     window_power,
 )
-from gateway.sim.speech import silence_mulaw, speech_mulaw, speech_pcm24k, synth_speech
+from simulators.realtime_events import (
+    ClientEventError,
+    ServerEventError,
+    check_client_event,
+    check_server_event,
+)
+from simulators.speech import silence_mulaw, speech_mulaw, speech_pcm24k, synth_speech
 
 MODEL = "gpt-realtime-2.1"
 PCMU = {"type": "audio/pcmu"}

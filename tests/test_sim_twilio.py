@@ -18,16 +18,16 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.request_validator import RequestValidator
 from yarl import URL
 
-from gateway.sim.caller import SimulatedCaller, validate_message
-from gateway.sim.speech import speech_mulaw
-from gateway.sim.twilio import TwilioSimulator
-from gateway.sim.whatsapp_sender import WhatsAppSender
 from gateway.twilio_api import (
     TwilioSignatures,
     close_rest_client,
     make_rest_client,
     media_auth_allowed,
 )
+from simulators.caller import SimulatedCaller, validate_message
+from simulators.speech import speech_mulaw
+from simulators.twilio import TwilioSimulator
+from simulators.whatsapp_sender import WhatsAppSender
 
 SID = "AC" + "1" * 32
 TOKEN = "sim-auth-token"

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from scipy.signal import correlate, resample_poly
 
-from gateway.sim.speech import synth_speech
 from gateway.transcode import (
     FRAME_BYTES,
     AudioDecodeError,
@@ -29,6 +28,7 @@ from gateway.transcode import (
     pcm16_to_mulaw,
     pcm24k_to_mulaw8k,
 )
+from simulators.speech import synth_speech
 
 SOURCE_MS = 3000
 VOICE_NOTE_LIMIT = 512 * 1024

@@ -20,14 +20,14 @@ import pytest
 
 from gateway.queue import InboundWorker
 from gateway.settings import Settings, SettingsError
-from gateway.sim.realtime import RealtimeSimConfig, RealtimeSimulator
-from gateway.sim.speech import speech_pcm24k
-from gateway.sim.twilio import SentMessage, TwilioSimulator
-from gateway.sim.whatsapp_sender import WhatsAppSender, new_sid
 from gateway.store import Store
 from gateway.transcode import decode_to_pcm24k, encode_ogg_opus
 from gateway.voice_notes import MAX_NOTE_MS, NoteEncoder, ReplyCollector
 from gateway.whatsapp import EMPTY_TWIML, SEND_RETRY_DELAYS_S, WHATSAPP, split_text
+from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
+from simulators.speech import speech_pcm24k
+from simulators.twilio import SentMessage, TwilioSimulator
+from simulators.whatsapp_sender import WhatsAppSender, new_sid
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, GatewayFactory, RunningGateway
 
 USER = "+5516999990001"

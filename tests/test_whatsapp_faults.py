@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.sim.realtime import RealtimeSimConfig
+from simulators.realtime import RealtimeSimConfig
 from tests.test_call_faults import first_of, with_field
 from tests.test_whatsapp import REPLY, harness_for
 

@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
-from gateway.sim.realtime import RealtimeSimulator
-from gateway.sim.twilio import TwilioSimulator
-from gateway.sim.whatsapp_sender import WhatsAppSender
 from gateway.whatsapp import STATUS_PATH, WEBHOOK_PATH, WHATSAPP
+from simulators.realtime import RealtimeSimulator
+from simulators.twilio import TwilioSimulator
+from simulators.whatsapp_sender import WhatsAppSender
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, GatewayFactory, RunningGateway
 
 USER = "+5516999990001"

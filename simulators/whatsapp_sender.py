@@ -3,7 +3,7 @@
 The form fields, their order and the signature are exactly what Twilio sends for a WhatsApp
 message, so the gateway's production webhook handler is exercised unchanged.
 
-    python -m gateway.sim.whatsapp_sender --gateway http://127.0.0.1:8080 --text "Olá"
+    python -m simulators.whatsapp_sender --gateway http://127.0.0.1:8080 --text "Olá"
 """
 
 from __future__ import annotations

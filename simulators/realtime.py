@@ -47,10 +47,10 @@ import numpy as np
 import orjson
 from aiohttp import WSMsgType, web
 
-from gateway.realtime_events import ClientEventError, check_client_event
-from gateway.sim.responses import ResponsesSimulator
-from gateway.sim.speech import synth_speech
 from gateway.transcode import MULAW_DECODE, MULAW_ENCODE
+from simulators.realtime_events import ClientEventError, check_client_event
+from simulators.responses import ResponsesSimulator
+from simulators.speech import synth_speech
 
 log = logging.getLogger(__name__)
 

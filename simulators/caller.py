@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _call(args: argparse.Namespace) -> None:
-    from gateway.sim.speech import speech_mulaw
+    from simulators.speech import speech_mulaw
 
     async with SimulatedCaller(
         args.gateway, args.public_base_url, args.auth_token, args.account_sid, args.from_number

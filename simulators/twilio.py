@@ -12,7 +12,7 @@ the signature checks, the media downloader) runs unchanged against it:
   without auth, recording every request so tests can prove credentials never got there.
 * Failure injection: `fail_next()`, `close_window()` (24 h window, 63016), media 404-first-N.
 
-`python -m gateway.sim.twilio --port 8766` runs it standalone (the newcomer sandbox).
+`python -m simulators.twilio --port 8766` runs it standalone (the newcomer sandbox).
 """
 
 from __future__ import annotations
