@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -28,15 +27,15 @@ from gateway.bridge import RealtimeSession, voice_note_session
 from gateway.memory import instructions_for, load_memory_marked, news_since
 from gateway.persona import load_persona
 from gateway.settings import Settings
+from gateway.stats import percentile
 from gateway.store import Store
 from gateway.store.store import WhatsAppReply
 from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 
 
 def quantiles(samples: list[float]) -> str:
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return f"median {statistics.median(ordered):7.3f} ms   p99 {p99:7.3f} ms   (n={len(ordered)})"
+    median, p99 = percentile(samples, 50), percentile(samples, 99)
+    return f"median {median:7.3f} ms   p99 {p99:7.3f} ms   (n={len(samples)})"
 
 
 async def timed(fn: Callable[[], Awaitable[object]], runs: int) -> list[float]:

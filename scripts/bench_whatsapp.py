@@ -37,6 +37,7 @@ from twilio.request_validator import RequestValidator
 from gateway.__main__ import new_event_loop
 from gateway.app import create_app
 from gateway.settings import Settings
+from gateway.stats import percentile
 from gateway.transcode import encode_ogg_opus
 from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 from simulators.speech import speech_pcm24k
@@ -98,11 +99,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def webhook_rounds(bench: Bench, rounds: int) -> list[float]:

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 
 from gateway.dashboard import COOKIE, DATA_URL
-from gateway.dashboard.snapshot import histogram, percentile, summary
+from gateway.dashboard.snapshot import histogram, summary
+from gateway.stats import percentile
 from gateway.store import Store
 from gateway.store.reports import latency_samples, recent_people
 from simulators.caller import SimulatedCaller

@@ -17,6 +17,7 @@ from gateway.calls import REGISTRY, LiveCall
 from gateway.health import health_report
 from gateway.observability import mask_number
 from gateway.runtime import RUNTIME, Runtime
+from gateway.stats import percentile
 from gateway.store import Store, utcnow
 from gateway.store.reports import (
     ConversationReport,
@@ -129,16 +130,6 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
     for q in PERCENTILES:
         result[f"p{q}"] = _round(percentile(ordered, q))
     return result
-
-
-def percentile(ordered: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default), on sorted values."""
-    if not ordered:
-        return None
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def histogram(values: Sequence[float], edges: Sequence[float] = HISTOGRAM_EDGES_MS) -> list[int]:
