@@ -11,9 +11,9 @@ from aiohttp import web
 
 from gateway import privacy
 from gateway.dashboard import admin_only
-from gateway.observability import mask_number
+from gateway.phones import mask_number, normalize_number
 from gateway.runtime import RUNTIME, Runtime
-from gateway.store import Person, normalize_number
+from gateway.store import Person
 from gateway.usage import priced
 
 log = logging.getLogger(__name__)

@@ -58,9 +58,10 @@ from gateway.observability import (
     correlated,
 )
 from gateway.persona import MemoryContext, greeting_instruction
+from gateway.phones import normalize_number
 from gateway.privacy import note_erasure_request
 from gateway.runtime import RUNTIME, Runtime
-from gateway.store import Erased, Person, normalize_number
+from gateway.store import Erased, Person
 from gateway.twilio_api import signature_refused
 from gateway.twilio_fields import BadFields, check_voice_call
 from gateway.usage import token_counts

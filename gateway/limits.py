@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from gateway.observability import OVER_BUDGET, PEOPLE_OVER_BUDGET, mask_number
+from gateway.observability import OVER_BUDGET, PEOPLE_OVER_BUDGET
+from gateway.phones import mask_number
 from gateway.usage import priced
 
 if TYPE_CHECKING:

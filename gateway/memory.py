@@ -7,7 +7,6 @@ import logging
 from datetime import datetime
 from typing import Any, Protocol
 
-from gateway.observability import mask_number
 from gateway.persona import (
     Channel,
     MemoryContext,
@@ -16,6 +15,7 @@ from gateway.persona import (
     compose_instructions,
     compose_news,
 )
+from gateway.phones import phone_hint
 from gateway.store import Person, Store, Turn
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ async def load_memory_marked(store: Store, person: Person) -> tuple[MemoryContex
     said = [t for t in turns if t.role in ("user", "assistant")]
     memory = MemoryContext(
         name=person.name,
-        phone_hint=mask_number(person.e164),
+        phone_hint=phone_hint(person.e164),
         summary=person.summary,
         turns=[_memory_turn(t) for t in said],
         first_contact=not said and not person.summary,

@@ -43,12 +43,6 @@ def correlated(cid: str) -> Iterator[None]:
         correlation_id.reset(token)
 
 
-def mask_number(e164: str) -> str:
-    """Enough of a phone number to tell people apart in logs, not enough to call them."""
-    digits = e164.removeprefix("whatsapp:")
-    return f"{digits[:3]}…{digits[-4:]}" if len(digits) > 7 else "…"
-
-
 class _CorrelationFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.cid = correlation_id.get()

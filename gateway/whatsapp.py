@@ -39,12 +39,12 @@ from gateway.observability import (
     WHATSAPP_REPLY,
     WHATSAPP_WEBHOOK,
     correlated,
-    mask_number,
 )
+from gateway.phones import mask_number, normalize_number
 from gateway.privacy import note_erasure_request
 from gateway.queue import Defer, GiveUp, InboundWorker, Intake, RetryLater
 from gateway.runtime import RUNTIME, Runtime
-from gateway.store import Erased, InboundMessage, normalize_number
+from gateway.store import Erased, InboundMessage
 from gateway.store.store import Arrival, WhatsAppReply
 from gateway.transcode import AudioDecodeError, decode_to_pcm24k
 from gateway.twilio_api import media_auth_allowed, signature_refused

@@ -8,7 +8,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.observability import JsonFormatter, correlated, mask_number, setup_logging
+from gateway.observability import JsonFormatter, correlated, setup_logging
 from simulators.caller import SimulatedCaller
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
@@ -84,11 +84,6 @@ def test_json_log_lines_carry_the_correlation_id():
     assert first["msg"] == "hello world" and first["cid"] == "call=CA123"
     assert first["level"] == "INFO" and first["logger"] == "gateway.test"
     assert "cid" not in second
-
-
-def test_phone_numbers_are_masked():
-    assert mask_number("whatsapp:+5516999990001") == "+55…0001"
-    assert "99999" not in mask_number("+5516999990001")
 
 
 async def test_whatsapp_metrics_count_webhook_and_reply_times(gateway, twilio_sim):

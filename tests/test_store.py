@@ -4,7 +4,7 @@ import sqlite3
 import aiosqlite
 import pytest
 
-from gateway.store import Store, normalize_number
+from gateway.store import Store
 from gateway.store.connection import Connection
 from gateway.store.migrations import available, migrate
 
@@ -14,13 +14,6 @@ async def store(tmp_path):
     s = await Store.open(f"sqlite:///{tmp_path}/g.db")
     yield s
     await s.close()
-
-
-def test_whatsapp_and_phone_numbers_are_one_person():
-    assert normalize_number("whatsapp:+5516999990001") == "+5516999990001"
-    assert normalize_number(" +55 (16) 99999-0001 ") == "+5516999990001"
-    with pytest.raises(ValueError):
-        normalize_number("whatsapp:")
 
 
 async def test_migrations_apply_once_and_record_their_version(tmp_path):

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.calls import REGISTRY, LiveCall
 from gateway.health import health_report
-from gateway.observability import mask_number
+from gateway.phones import mask_number
 from gateway.runtime import RUNTIME, Runtime
 from gateway.stats import percentile
 from gateway.store import Store, utcnow

@@ -2,7 +2,7 @@
 
 from gateway.store.connection import Erased
 from gateway.store.lifecycle import ConversationRef
-from gateway.store.store import InboundMessage, Person, Store, Turn, normalize_number, utcnow
+from gateway.store.store import InboundMessage, Person, Store, Turn, utcnow
 
 __all__ = [
     "ConversationRef",
@@ -11,6 +11,5 @@ __all__ = [
     "Person",
     "Store",
     "Turn",
-    "normalize_number",
     "utcnow",
 ]

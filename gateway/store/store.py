@@ -12,6 +12,7 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.phones import normalize_number
 from gateway.store.connection import Connection
 from gateway.store.lifecycle import LifecycleQueries
 from gateway.store.migrations import migrate
@@ -27,15 +28,6 @@ _NOT_HELD_BACK = (
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def normalize_number(raw: str) -> str:
-    """'whatsapp:+55 16 99999-0001' and '+5516999990001' are the same person."""
-    number = raw.strip().removeprefix("whatsapp:").strip()
-    digits = "".join(ch for ch in number if ch.isdigit())
-    if not digits or len(digits) > 15:
-        raise ValueError(f"not an E.164 number: {raw!r}")
-    return "+" + digits
 
 
 @dataclass(frozen=True)
