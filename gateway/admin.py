@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from gateway import privacy
-from gateway.dashboard import admin_only
+from gateway.auth import admin_only
 from gateway.phones import mask_number, normalize_number
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Person

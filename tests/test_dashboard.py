@@ -12,7 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.dashboard import COOKIE, DATA_URL
+from gateway.auth import COOKIE
+from gateway.dashboard import DATA_URL
 from gateway.dashboard.snapshot import histogram, summary
 from gateway.stats import percentile
 from gateway.store import Store
