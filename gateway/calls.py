@@ -14,6 +14,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -76,6 +77,21 @@ ENDED_CALLS_KEPT = 10_000  # CallSids remembered against replays (about 1 MB)
 LOGGED_PROTOCOL_ERRORS = 5  # per call; the rest are counted in /metrics only
 
 
+@dataclass(frozen=True)
+class LiveCallView:
+    """A live call as an operator may see it, copied out so readers never touch the call.
+    The number is whole: whoever shows it masks it."""
+
+    call_sid: str
+    e164: str | None
+    name: str | None
+    duration_s: float | None  # since the media stream started; None before
+    turns: int
+    last_latency_ms: float | None
+    greeting_ms: float | None
+    reconnects: int
+
+
 class LiveCall:
     """One call: its Realtime sessions, its core state and, once connected, Twilio's socket.
 
@@ -119,6 +135,22 @@ class LiveCall:
     @property
     def reconnects(self) -> int:
         return self.state.reconnects
+
+    def view(self) -> LiveCallView:
+        state, started = self.state, self.state.started_at
+        latencies = [
+            t.response_latency_ms for t in state.turns if t.response_latency_ms is not None
+        ]
+        return LiveCallView(
+            call_sid=self.call_sid,
+            e164=self.person.e164 if self.person else None,
+            name=self.person.name if self.person else None,
+            duration_s=self.clock() - started if started is not None else None,
+            turns=len(state.turns),
+            last_latency_ms=latencies[-1] if latencies else None,
+            greeting_ms=state.greeting_ms,
+            reconnects=self.reconnects,
+        )
 
     # upstream
     def open_upstream(self) -> None:
@@ -451,6 +483,10 @@ class CallRegistry:
         if parked >= self.max_parked_calls:
             return f"{parked} parked calls, cap {self.max_parked_calls}"
         return None
+
+    def snapshot(self) -> list[LiveCallView]:
+        """The live calls (media stream claimed) as they are now."""
+        return [call.view() for call in self.live.values()]
 
     def known(self, call_sid: str) -> bool:
         """Live, or ended lately: a webhook for it now is a replay (Twilio never reuses one)."""

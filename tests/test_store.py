@@ -183,3 +183,11 @@ async def test_an_erased_id_is_never_handed_out_again_and_migration_keeps_the_id
         assert (newcomer.id, conversation, turn) == (10, 6, 12)  # none of 9, 5, 11 again
     finally:
         await store.close()
+
+
+async def test_the_public_read_helper_only_reads(store):
+    await store.person_for("+5516999990001")
+    assert [r["e164"] for r in await store.rows("SELECT e164 FROM people")] == ["+5516999990001"]
+    with pytest.raises(ValueError):
+        await store.rows("DELETE FROM people")
+    assert len(await store.rows("SELECT id FROM people")) == 1

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.calls import REGISTRY, LiveCall
+from gateway.calls import REGISTRY, LiveCallView
 from gateway.health import health_report
 from gateway.phones import mask_number
 from gateway.runtime import RUNTIME, Runtime
@@ -43,7 +43,7 @@ async def build(app: web.Application) -> dict[str, Any]:
         assert store is not None
         people, samples = await _from_store(store)
     registry = app.get(REGISTRY)
-    calls = list(registry.live.values()) if registry is not None else []
+    calls = registry.snapshot() if registry is not None else []
     return {
         "generated_at": utcnow(),
         "health": health_report(rt, store_ok),
@@ -74,18 +74,15 @@ async def _from_store(store: Store) -> tuple[list[PersonReport], LatencySamples]
     return await recent_people(store), await latency_samples(store)
 
 
-def live_call(call: LiveCall) -> dict[str, Any]:
-    state = call.state
-    started = state.started_at
-    latencies = [t.response_latency_ms for t in state.turns if t.response_latency_ms is not None]
+def live_call(call: LiveCallView) -> dict[str, Any]:
     return {
         "call_sid": call.call_sid,
-        "number": mask_number(call.person.e164) if call.person else None,
-        "name": call.person.name if call.person else None,
-        "duration_s": round(call.clock() - started, 1) if started is not None else None,
-        "turns": len(state.turns),
-        "last_latency_ms": _round(latencies[-1]) if latencies else None,
-        "greeting_ms": _round(state.greeting_ms),
+        "number": mask_number(call.e164) if call.e164 is not None else None,
+        "name": call.name,
+        "duration_s": _round(call.duration_s),
+        "turns": call.turns,
+        "last_latency_ms": _round(call.last_latency_ms),
+        "greeting_ms": _round(call.greeting_ms),
         "reconnects": call.reconnects,
     }
 

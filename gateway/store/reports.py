@@ -67,8 +67,7 @@ async def recent_people(
 
 async def latency_samples(store: Store, *, limit: int = 2000) -> LatencySamples:
     """Latency fields of the latest `limit` timed assistant turns and greetings of calls."""
-    turns = await _rows(
-        store,
+    turns = await store.rows(
         "SELECT t.response_latency_ms AS latency, t.upstream_first_audio_ms AS upstream "
         "FROM turns t JOIN conversations c ON c.id = t.conversation_id "
         "WHERE t.role = 'assistant' AND c.channel = 'call' "
@@ -76,8 +75,7 @@ async def latency_samples(store: Store, *, limit: int = 2000) -> LatencySamples:
         "ORDER BY t.id DESC LIMIT ?",
         (limit,),
     )
-    greetings = await _rows(
-        store,
+    greetings = await store.rows(
         "SELECT greeting_latency_ms FROM conversations WHERE channel = 'call' "
         "AND greeting_latency_ms IS NOT NULL ORDER BY id DESC LIMIT ?",
         (limit,),
@@ -93,8 +91,7 @@ async def _people(store: Store, limit: int) -> list[PersonReport]:
     # Anyone active lately has one of the latest turns or started one of the latest
     # conversations; looking only there keeps a poll's cost flat as the store grows (the
     # dashboard shares the one connection with live calls).
-    rows = await _rows(
-        store,
+    rows = await store.rows(
         "WITH recent(id) AS (SELECT conversation_id FROM (SELECT conversation_id FROM turns "
         "ORDER BY id DESC LIMIT ?) UNION SELECT id FROM (SELECT id FROM conversations "
         "ORDER BY id DESC LIMIT ?)) "
@@ -111,8 +108,7 @@ async def _conversations(
 ) -> list[tuple[int, ConversationReport]]:
     if not person_ids:
         return []
-    rows = await _rows(
-        store,
+    rows = await store.rows(
         "SELECT * FROM (SELECT id, person_id, channel, started_at, ended_at, ROW_NUMBER() "
         "OVER (PARTITION BY person_id ORDER BY started_at DESC, id DESC) AS n "
         f"FROM conversations WHERE person_id IN ({_marks(person_ids)})) "
@@ -131,8 +127,7 @@ async def _turns(
     """The latest turns of each conversation, oldest first."""
     if not conversation_ids:
         return {}
-    rows = await _rows(
-        store,
+    rows = await store.rows(
         "SELECT * FROM (SELECT id, conversation_id, role, text, at, response_latency_ms, "
         "ROW_NUMBER() OVER (PARTITION BY conversation_id ORDER BY id DESC) AS n FROM turns "
         f"WHERE conversation_id IN ({_marks(conversation_ids)})) WHERE n <= ? ORDER BY id",
@@ -147,8 +142,3 @@ async def _turns(
 
 def _marks(values: Iterable[Any]) -> str:
     return ", ".join("?" for _ in values)
-
-
-async def _rows(store: Store, sql: str, args: tuple[Any, ...]) -> list[Any]:
-    async with store._db.execute(sql, args) as cur:
-        return list(await cur.fetchall())

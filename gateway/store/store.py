@@ -99,6 +99,14 @@ class Store(LifecycleQueries):
         except Exception:
             return False
 
+    async def rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
+        """The rows of one read, for queries that live beside the store in this package
+        (reports.py) rather than in it. Writes go through the named methods."""
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            raise ValueError("Store.rows only reads")
+        async with self._db.execute(sql, args) as cur:
+            return list(await cur.fetchall())
+
     # people
     async def person_for(self, number: str, name: str | None = None) -> Person:
         """Find or create the person behind a number; a known name stays unless a new one comes."""
