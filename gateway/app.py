@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import admin, calls, dashboard, whatsapp
+from gateway import admin, background, calls, dashboard, whatsapp
 from gateway.health import health
 from gateway.observability import collector_tuned, loop_lag_watched, metrics
 from gateway.persona import load_persona
@@ -130,14 +130,13 @@ async def _summaries_ctx(app: web.Application) -> AsyncIterator[None]:
         interval_s=s.summary_interval_s,
         retry_base_s=s.summary_retry_s,
     )
-    rt.summarizer.start()
-    yield
-    await rt.summarizer.stop()
+    async with background.running("summarizer", rt.summarizer.run()):
+        yield
 
 
 async def _process_ctx(app: web.Application) -> AsyncIterator[None]:
     with collector_tuned():  # last: everything opened above is frozen with the modules
-        async with loop_lag_watched(lambda: bool(app[calls.REGISTRY].live)):
+        async with loop_lag_watched(lambda: app[calls.REGISTRY].live_count > 0):
             yield
 
 

@@ -9,13 +9,13 @@ sweep deletes them. Unknown and expired ids are both a plain 404.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway import background
 from gateway.runtime import RUNTIME
 from gateway.store import Store
 
@@ -69,11 +69,8 @@ def setup(app: web.Application) -> None:
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     interval = min(MAX_SWEEP_INTERVAL_S, rt.settings.media_ttl_s / 2)
-    task = asyncio.create_task(_sweep_forever(rt.store, interval), name="media-sweeper")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with background.running("media-sweeper", _sweep_forever(rt.store, interval)):
+        yield
 
 
 async def _sweep_forever(store: Store, interval_s: float) -> None:

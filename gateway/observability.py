@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import orjson
@@ -30,6 +30,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from gateway import background
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 
@@ -271,13 +273,8 @@ async def loop_lag_watched(busy: Callable[[], bool]) -> AsyncIterator[None]:
             await asyncio.sleep(LOOP_LAG_PERIOD_S)
             LOOP_LAG.observe(max(0.0, time.perf_counter() - before - LOOP_LAG_PERIOD_S))
 
-    task = asyncio.create_task(watch(), name="loop-lag")
-    try:
+    async with background.running("loop-lag", watch()):
         yield
-    finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway import background
 from gateway.store import InboundMessage, Store
 from gateway.store.store import Arrival
 
@@ -186,14 +187,11 @@ class InboundWorker:
         released = await self.store.release_stale_processing()
         if released:
             log.warning("queue: %d message(s) cut off by a restart are pending again", released)
-        self._loop_task = asyncio.create_task(self._run(), name="inbound-worker")
+        self._loop_task = background.start("inbound-worker", self._run())
 
     async def stop(self) -> None:
         """Stop claiming, cancel work in flight; its rows stay 'processing' until the next start."""
-        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await background.stop(self._loop_task, *self._tasks)
         self._loop_task = None
 
     def wake(self) -> None:

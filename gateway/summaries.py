@@ -45,22 +45,14 @@ class Summarizer:
         self.interval_s = interval_s
         self.retry_base_s = retry_base_s
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def poke(self) -> None:
         """A conversation just ended: summarize now rather than at the next interval."""
         self._wake.set()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Sweep every interval, or at once when poked; runs until cancelled (app.py runs it
+        as a background task)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
