@@ -34,6 +34,7 @@ import orjson
 from twilio.request_validator import RequestValidator
 
 from gateway.runtime import SANDBOX_ACCOUNT_SID
+from simulators.waits import Waits
 
 API_VERSION = "2010-04-01"
 VOICE_PATH = "/webhook/voice"
@@ -224,6 +225,8 @@ class SimulatedCaller:
         self._speaking = False
         self._pending_marks: deque[MarkRecord] = deque()
         self._marks_wakeup = asyncio.Event()
+        self._waits = Waits()  # re-checked where the records change: see `wait_until`
+        self._frames_flowing = False  # the media loop re-checks the waits every frame
         self._tasks: list[asyncio.Task[None]] = []
         self._media_task: asyncio.Task[None] | None = None
         self._hanging_up = False
@@ -409,11 +412,19 @@ class SimulatedCaller:
         predicate: Callable[[], bool],
         timeout: float | None = 5.0,  # noqa: ASYNC109 - test-facing convenience
     ) -> None:
-        """Wait for a condition on the records; TimeoutError if it does not become true."""
-        async with asyncio.timeout(timeout):
-            # Polled: conditions also depend on the playback clock, which fires no event.
-            while not predicate():  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
+        """Wait for a condition on the records; TimeoutError if it does not become true.
+
+        Re-checked whenever the records change: each frame sent (every 20 ms while the
+        stream is up), each message received, each mark echoed, the close. So a condition
+        on the playback clock or on state outside the caller is seen within a frame; while
+        no frames go out (before connect, after the stream ends) a 20 ms timer stands in.
+        """
+        loop = asyncio.get_running_loop()
+
+        def between_frames() -> float | None:
+            return None if self._frames_flowing else loop.time() + FRAME_S
+
+        await self._waits.wait(predicate, timeout, between_frames)
 
     async def wait_playback_idle(
         self,
@@ -428,7 +439,11 @@ class SimulatedCaller:
             last = self.last_media_at or self.started_at or now
             return self.playback.remaining(now) == 0 and now - last >= quiet_s
 
-        await self.wait_until(idle, timeout)
+        def idle_at() -> float:  # media arriving or a clear moves it: re-armed on each check
+            last = self.last_media_at or self.started_at or loop.time()
+            return max(self.playback.play_end, last + quiet_s)
+
+        await self._waits.wait(idle, timeout, idle_at)
 
     # ---- outbound: frames on a monotonic schedule ------------------------------------------
 
@@ -448,6 +463,14 @@ class SimulatedCaller:
         return True
 
     async def _media_loop(self) -> None:
+        self._frames_flowing = True
+        try:
+            await self._send_frames()
+        finally:
+            self._frames_flowing = False
+            self._waits.check()  # re-arms the waits' own 20 ms timers
+
+    async def _send_frames(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.started_at is not None
         chunk = 0
@@ -475,6 +498,7 @@ class SimulatedCaller:
             self.media_frames_sent += 1
             if is_speech:
                 self._after_speech_frame(loop.time())
+            self._waits.check()
 
     def _next_frame(self) -> tuple[bytes, bool]:
         if not self._speech:
@@ -506,12 +530,14 @@ class SimulatedCaller:
                     self._violation(now, 31950, "binary frame", repr(msg.data[:64]))
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     break
+                self._waits.check()
         finally:
             self.close_code = self._ws.close_code
             self.closed_by_server = not self._hanging_up
             self.closed.set()
             if self.closed_by_server:
                 self._stop_media()  # the line is dead
+            self._waits.check()
 
     def _violation(self, now: float, code: int, reason: str, raw: str) -> None:
         self.violations.append(Violation(now, code, reason, raw[:200]))
@@ -572,6 +598,7 @@ class SimulatedCaller:
             "mark": {"name": record.name},
         }
         await self._send(message, numbered=True)
+        self._waits.check()
 
     async def _marks_loop(self) -> None:
         """Echo each pending mark when the audio before it has finished playing."""
