@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import itertools
 import os
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from scripts import loadtest
 from simulators.realtime import RealtimeSimConfig
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 FIRST_AUDIO_MS = 60
-
-
-def _load_script() -> ModuleType:
-    """scripts/ is not a package: import loadtest.py by path."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
-    spec = importlib.util.spec_from_file_location("loadtest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["loadtest"] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-loadtest = _load_script()
 
 
 @pytest.fixture

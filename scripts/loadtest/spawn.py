@@ -1,0 +1,136 @@
+"""The gateway and the Realtime simulator as subprocesses, the Twilio simulator in this one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .config import LoadConfig, free_port
+from .stack import Stack
+from .whatsapp_burst import LocalTwilio
+
+ROOT = Path(__file__).resolve().parent.parent.parent  # the repository
+
+
+@dataclass
+class SpawnOptions:
+    realtime_args: list[str]
+    log_level: str = "INFO"
+    keep: bool = False
+    pin: bool = False  # the gateway alone on CPU 0; simulators and callers on CPU 1
+
+
+async def _start_process(
+    argv: list[str], log: Path, env: Mapping[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    with log.open("wb") as out:  # the child keeps its own handle
+        return await asyncio.create_subprocess_exec(
+            *argv, cwd=ROOT, env=dict(env or os.environ), stdout=out, stderr=out
+        )
+
+
+async def _stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+def _log_tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
+
+
+async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path) -> None:
+    """Until `url` answers 200 (any HTTP answer for a bare port check)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            if proc.returncode is not None:
+                tail = _log_tail(log)
+                raise RuntimeError(f"{log.name}: exited {proc.returncode}\n{tail}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within 30 s (see {log})")
+
+
+@contextlib.asynccontextmanager
+async def spawned_stack(cfg: LoadConfig, options: SpawnOptions) -> AsyncIterator[Stack]:
+    """Realtime simulator and gateway as subprocesses, the Twilio simulator in this process."""
+    from simulators.twilio import TwilioSimulator
+
+    workdir = Path(tempfile.mkdtemp(prefix="almada-loadtest-"))
+    twilio = TwilioSimulator(cfg.account_sid, cfg.auth_token)
+    procs: list[asyncio.subprocess.Process] = []
+    affinity = os.sched_getaffinity(0)
+    if options.pin:
+        os.sched_setaffinity(0, {1})  # inherited by the simulator and the workers
+    try:
+        await twilio.start()
+        sim_port, gw_port = free_port(), urlsplit(cfg.gateway_url).port or 80
+        sim_argv = [sys.executable, "-m", "simulators.realtime", "--port", str(sim_port)]
+        sim_argv += ["--latency-ms", str(cfg.first_audio_ms), "--no-record", "--log-level"]
+        sim_argv += ["WARNING", *options.realtime_args]
+        sim_log = workdir / "realtime-sim.log"
+        procs.append(await _start_process(sim_argv, sim_log))
+        await _wait_ready(f"http://127.0.0.1:{sim_port}/", procs[-1], sim_log)
+        db_path = workdir / "gateway.db"
+        env = _gateway_env(cfg, options, gw_port, sim_port, twilio.base_url, db_path)
+        gw_log = workdir / "gateway.log"
+        procs.append(await _start_process([sys.executable, "-m", "gateway"], gw_log, env))
+        if options.pin:
+            os.sched_setaffinity(procs[-1].pid, {0})
+        await _wait_ready(f"{cfg.gateway_url}/health", procs[-1], gw_log)
+        print(f"spawned: gateway pid {procs[-1].pid}, logs in {workdir}", file=sys.stderr)
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        yield Stack(procs[-1].pid, LocalTwilio(twilio), db_path, procs[0].pid, sim_url)
+    finally:
+        for proc in reversed(procs):
+            await _stop_process(proc)
+        await twilio.close()
+        os.sched_setaffinity(0, affinity)
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _gateway_env(
+    cfg: LoadConfig,
+    options: SpawnOptions,
+    port: int,
+    sim_port: int,
+    twilio_url: str,
+    db_path: Path,
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "PUBLIC_BASE_URL": cfg.public_base_url,
+        "DATABASE_URL": f"sqlite:///{db_path}",
+        "OPENAI_API_KEY": "sk-loadtest-not-a-secret",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{sim_port}/v1",
+        "TWILIO_ACCOUNT_SID": cfg.account_sid,
+        "TWILIO_AUTH_TOKEN": cfg.auth_token,
+        "TWILIO_API_BASE_URL": twilio_url,
+        "VAD_SILENCE_MS": str(cfg.vad_silence_ms),
+        "VAD_THRESHOLD": str(cfg.vad_threshold),
+        "LOG_LEVEL": options.log_level,
+        # The load is what is measured, not the gateway's caps: every call must get a line.
+        "MAX_LIVE_CALLS": str(cfg.calls + cfg.warmup + 10),
+        "MAX_PARKED_CALLS": str(cfg.calls + cfg.warmup + 10),
+    }
