@@ -4,9 +4,9 @@ The webhook checks Twilio's signature and then the identifiers' formats (a signa
 for a captured form re-split into other fields, see gateway.twilio_fields), stores the
 message in the durable queue (keyed by MessageSid) and answers an empty TwiML at once: the
 reply can take longer than the 15 s Twilio waits, so it goes back through the REST API. A
-worker (gateway.queue) runs each row through the pipeline, one small function per step:
+worker (gateway.inbound_queue) runs each row through the pipeline, one small function per step:
 
-    download -> decode -> Realtime turn (gateway.voice_notes) -> publish (gateway.media) -> send
+    download -> decode -> Realtime turn (gateway.whatsapp_turns) -> publish (gateway.media) -> send
 
 The reply is saved before it is sent and each sent part is recorded, so a retry or a restart
 resends only what is missing. Bad input (an image, a broken, truncated, huge or endlessly
@@ -32,6 +32,7 @@ from aiohttp import encode_basic_auth, web
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 
 from gateway import media
+from gateway.inbound_queue import Defer, GiveUp, InboundWorker, Intake, RetryLater
 from gateway.observability import (
     ERRORS,
     TURNS,
@@ -42,14 +43,13 @@ from gateway.observability import (
 )
 from gateway.phones import mask_number, normalize_number
 from gateway.privacy import note_erasure_request
-from gateway.queue import Defer, GiveUp, InboundWorker, Intake, RetryLater
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Erased, InboundMessage
 from gateway.store.store import Arrival, WhatsAppReply
 from gateway.transcode import AudioDecodeError, decode_to_pcm24k
 from gateway.twilio_api import media_auth_allowed, signature_refused
 from gateway.twilio_fields import BadFields, check_message_status, check_whatsapp_message
-from gateway.voice_notes import (
+from gateway.whatsapp_turns import (
     AudioInput,
     PersonErased,
     RealtimeUnavailable,
@@ -371,7 +371,7 @@ class WhatsAppChannel:
             await asyncio.wait(self._sending, timeout=SEND_GRACE_S)
 
     def changed(self, person_id: int) -> None:
-        """Nothing to push: a warm session catches up before each turn (voice_notes)."""
+        """Nothing to push: a warm session catches up before each turn (whatsapp_turns)."""
 
     async def accept(self, arrival: Arrival) -> bool:
         """Store a webhook durably (before it is answered); False for a repeated MessageSid."""

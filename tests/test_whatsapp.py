@@ -18,12 +18,12 @@ import av
 import numpy as np
 import pytest
 
-from gateway.queue import InboundWorker
+from gateway.inbound_queue import InboundWorker
 from gateway.settings import Settings, SettingsError
 from gateway.store import Store
 from gateway.transcode import decode_to_pcm24k, encode_ogg_opus
-from gateway.voice_notes import MAX_NOTE_MS, NoteEncoder, ReplyCollector
 from gateway.whatsapp import EMPTY_TWIML, SEND_RETRY_DELAYS_S, WHATSAPP, split_text
+from gateway.whatsapp_turns import MAX_NOTE_MS, NoteEncoder, ReplyCollector
 from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 from simulators.speech import speech_pcm24k
 from simulators.twilio import SentMessage, TwilioSimulator
