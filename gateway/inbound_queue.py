@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +35,6 @@ MAX_IDLE_WAIT_S = 60.0
 # A single process releases its own stale rows at start, so 'processing' rows are only
 # re-claimed after this long (never while a slow reply is still in flight).
 STALE_AFTER_S = 3600.0
-OUTCOMES_KEPT = 1000
 
 Handler = Callable[[InboundMessage], Awaitable[None]]
 
@@ -179,9 +177,6 @@ class InboundWorker:
         self._people = _PersonLocks()
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Last outcome per MessageSid ("done", "failed", "retry"), for tests and the dashboard.
-        self.outcomes: OrderedDict[str, str] = OrderedDict()
-        self._settled = asyncio.Condition()
 
     async def start(self) -> None:
         released = await self.store.release_stale_processing()
@@ -197,14 +192,6 @@ class InboundWorker:
     def wake(self) -> None:
         """A webhook stored a row: claim it now."""
         self._wake.set()
-
-    async def wait_for(
-        self, message_sid: str, outcomes: tuple[str, ...] = ("done", "failed")
-    ) -> str:
-        """Wait until a message reaches one of `outcomes` (bound it with asyncio.timeout)."""
-        async with self._settled:
-            await self._settled.wait_for(lambda: self.outcomes.get(message_sid) in outcomes)
-            return self.outcomes[message_sid]
 
     # the claim loop
     async def _run(self) -> None:
@@ -250,8 +237,7 @@ class InboundWorker:
             # First await of the task, and tasks start in claim order: the FIFO lock keeps each
             # person's messages in the order they arrived.
             async with self._people.hold(message.person_id):
-                outcome = await self._handle(message)
-            await self._settle(message.message_sid, outcome)
+                await self._handle(message)
         except Exception:  # the store itself failed
             log.exception("whatsapp %s: could not record the outcome", message.message_sid)
             await self._release(message)
@@ -259,33 +245,31 @@ class InboundWorker:
             self._slots.release()
             self.wake()  # the person's next message, held back behind this one, may go
 
-    async def _handle(self, message: InboundMessage) -> str:
+    async def _handle(self, message: InboundMessage) -> None:
         sid = message.message_sid
         try:
             await self.handler(message)
         except GiveUp as stop:
             log.warning("whatsapp %s: not answered: %s", sid, stop.reason)
             await self.store.finish_inbound(sid, error=stop.reason)
-            return "failed"
         except RetryLater as err:
-            return await self._retry(message, err.reason)
+            await self._retry(message, err.reason)
         except Defer as held:
             log.info("whatsapp %s: %s; waiting %.1f s", sid, held.reason, held.delay_s)
             await self.store.defer_inbound(sid, held.delay_s, held.reason)
             self.wake()  # the claim loop may be sleeping past the new due time
-            return "deferred"
         except Exception as err:  # a bug must not kill the worker; the message is retried
             log.exception("whatsapp %s: unexpected error", sid)
-            return await self._retry(message, f"unexpected {type(err).__name__}")
-        await self.store.finish_inbound(sid)
-        return "done"
+            await self._retry(message, f"unexpected {type(err).__name__}")
+        else:
+            await self.store.finish_inbound(sid)
 
-    async def _retry(self, message: InboundMessage, reason: str) -> str:
+    async def _retry(self, message: InboundMessage, reason: str) -> None:
         sid = message.message_sid
         if message.attempts >= self.max_attempts:
             log.error("whatsapp %s: giving up after %d attempts: %s", sid, message.attempts, reason)
             await self.store.finish_inbound(sid, error=f"gave up: {reason}")
-            return "failed"
+            return
         delay = self.backoff.delay(message.attempts)
         log.warning(
             "whatsapp %s: attempt %d failed (%s); retry in %.1f s",
@@ -296,7 +280,6 @@ class InboundWorker:
         )
         await self.store.finish_inbound(sid, error=reason, retry_in_s=delay)
         self.wake()  # the claim loop may be sleeping past the new due time
-        return "retry"
 
     async def _release(self, message: InboundMessage) -> None:
         """Best effort: back to pending, or the row stays 'processing' (and holds back the
@@ -307,11 +290,3 @@ class InboundWorker:
             await self.store.finish_inbound(message.message_sid, error="store", retry_in_s=delay)
         except Exception as err:
             log.error("whatsapp %s: still 'processing' (%s)", message.message_sid, err)
-
-    async def _settle(self, message_sid: str, outcome: str) -> None:
-        async with self._settled:
-            self.outcomes[message_sid] = outcome
-            self.outcomes.move_to_end(message_sid)
-            while len(self.outcomes) > OUTCOMES_KEPT:
-                self.outcomes.popitem(last=False)
-            self._settled.notify_all()

@@ -29,7 +29,7 @@ from gateway.persona import load_persona
 from gateway.settings import Settings
 from gateway.stats import percentile
 from gateway.store import Store
-from gateway.store.store import WhatsAppReply
+from gateway.store.store import Arrival, WhatsAppReply
 from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 
 
@@ -85,7 +85,8 @@ async def main() -> None:
 
         async def reply() -> None:
             sid = f"SM{next(counter):032x}"
-            await store.accept_inbound(sid, person.id, {"Body": "oi"})
+            # The webhook's own path (a batch of one), not a test-only shortcut.
+            await store.accept_inbound_batch([Arrival(person.e164, None, sid, {"Body": "oi"})])
             await store.save_reply(WhatsAppReply(sid, person.id, chat, "model", "Olá!", "oi"))
 
         print("accept + save_reply (2 turns)", quantiles(await timed(reply, args.runs)))

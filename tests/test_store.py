@@ -7,6 +7,7 @@ import pytest
 from gateway.store import Store
 from gateway.store.connection import Connection
 from gateway.store.migrations import available, migrate
+from tests.store_helpers import accept_inbound, inbound_status
 
 
 @pytest.fixture
@@ -44,8 +45,8 @@ async def test_inbound_queue_is_unique_by_message_sid_and_survives_a_crash(tmp_p
     url = f"sqlite:///{tmp_path}/g.db"
     store = await Store.open(url)
     p = await store.person_for("+5516999990001")
-    assert await store.accept_inbound("SM1", p.id, {"Body": "Olá"})
-    assert not await store.accept_inbound("SM1", p.id, {"Body": "Olá"})
+    assert await accept_inbound(store, "SM1", p.id, {"Body": "Olá"})
+    assert not await accept_inbound(store, "SM1", p.id, {"Body": "Olá"})
     claimed = await store.claim_inbound()
     assert claimed.message_sid == "SM1" and claimed.attempts == 1
     assert await store.claim_inbound() is None  # in flight, not claimable twice
@@ -56,17 +57,17 @@ async def test_inbound_queue_is_unique_by_message_sid_and_survives_a_crash(tmp_p
     again = await store.claim_inbound()
     assert again.message_sid == "SM1" and again.payload == {"Body": "Olá"}
     await store.finish_inbound("SM1")
-    assert await store.inbound_status("SM1") == "done"
+    assert await inbound_status(store, "SM1") == "done"
     assert await store.claim_inbound() is None
     await store.close()
 
 
 async def test_a_retry_waits_until_it_is_due(store):
     p = await store.person_for("+5516999990001")
-    await store.accept_inbound("SM2", p.id, {})
+    await accept_inbound(store, "SM2", p.id, {})
     await store.claim_inbound()
     await store.finish_inbound("SM2", error="twilio 500", retry_in_s=60)
-    assert await store.inbound_status("SM2") == "pending"
+    assert await inbound_status(store, "SM2") == "pending"
     assert await store.claim_inbound() is None
 
 

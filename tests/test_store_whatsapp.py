@@ -6,6 +6,7 @@ import pytest
 
 from gateway.store import Store
 from gateway.store.store import WhatsAppReply
+from tests.store_helpers import accept_inbound, inbound_record
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ async def store(tmp_path):
 
 async def accepted(store: Store, sid: str = "SM1") -> int:
     person = await store.person_for("whatsapp:+5516999990001", name="Ana")
-    assert await store.accept_inbound(sid, person.id, {"Body": "Olá"})
+    assert await accept_inbound(store, sid, person.id, {"Body": "Olá"})
     return person.id
 
 
@@ -100,15 +101,15 @@ async def test_next_due_and_record_of_the_queue(store):
     await store.claim_inbound()
     await store.finish_inbound("SM1", error="twilio 500", retry_in_s=30)
     assert (await store.next_inbound_due() - datetime.now(UTC)).total_seconds() > 25
-    record = await store.inbound_record("SM1")
+    record = await inbound_record(store, "SM1")
     assert (record.status, record.attempts, record.error) == ("pending", 1, "twilio 500")
 
 
 async def test_a_persons_later_message_waits_for_the_earlier_one_others_do_not(store):
     ana = await accepted(store, "SM1")
-    assert await store.accept_inbound("SM2", ana, {"Body": "E mais uma coisa"})
+    assert await accept_inbound(store, "SM2", ana, {"Body": "E mais uma coisa"})
     bruno = await store.person_for("whatsapp:+5516999990002", name="Bruno")
-    assert await store.accept_inbound("SM3", bruno.id, {"Body": "Oi"})
+    assert await accept_inbound(store, "SM3", bruno.id, {"Body": "Oi"})
     assert (await store.claim_inbound()).message_sid == "SM1"
     assert (await store.claim_inbound()).message_sid == "SM3"  # SM2 waits behind Ana's SM1
     assert await store.claim_inbound() is None

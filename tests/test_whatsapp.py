@@ -18,17 +18,17 @@ import av
 import numpy as np
 import pytest
 
-from gateway.inbound_queue import InboundWorker
 from gateway.settings import Settings, SettingsError
 from gateway.store import Store
 from gateway.transcode import decode_to_pcm24k, encode_ogg_opus
-from gateway.whatsapp import EMPTY_TWIML, SEND_RETRY_DELAYS_S, WHATSAPP, split_text
+from gateway.whatsapp import EMPTY_TWIML, SEND_RETRY_DELAYS_S, split_text
 from gateway.whatsapp_turns import MAX_NOTE_MS, NoteEncoder, ReplyCollector
 from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 from simulators.speech import speech_pcm24k
 from simulators.twilio import SentMessage, TwilioSimulator
 from simulators.whatsapp_sender import WhatsAppSender, new_sid
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, GatewayFactory, RunningGateway
+from tests.store_helpers import inbound_record, wait_settled
 
 USER = "+5516999990001"
 USER_WA = f"whatsapp:{USER}"
@@ -54,15 +54,9 @@ class WhatsAppHarness:
     def store(self) -> Store:
         return self.gateway.runtime.store
 
-    @property
-    def worker(self) -> InboundWorker:
-        worker = self.gateway.app[WHATSAPP].worker
-        assert worker is not None
-        return worker
-
     async def settled(self, message_sid: str) -> str:
         async with asyncio.timeout(WAIT_S):
-            return await self.worker.wait_for(message_sid)
+            return await wait_settled(self.store, message_sid)
 
     async def replies(self, n: int) -> list[SentMessage]:
         return await self.twilio.wait_for_messages(n, timeout=WAIT_S, settled=True)
@@ -288,14 +282,14 @@ async def test_a_repeated_message_sid_is_answered_once(wa):
     await wa.replies(4)
     assert await wa.settled(later.message_sid) == "done"
     assert len(wa.twilio.messages) == 4
-    record = await wa.store.inbound_record(sid)
+    record = await inbound_record(wa.store, sid)
     assert (record.status, record.attempts) == ("done", 1)
 
 
 async def test_a_forged_signature_gets_403_and_nothing_is_stored_or_sent(wa):
     forged = await wa.sender.send_text("Oi", forge=True)
     assert forged.status == 403
-    assert await wa.store.inbound_record(forged.message_sid) is None
+    assert await inbound_record(wa.store, forged.message_sid) is None
     assert await wa.store.person_by_number(USER) is None
     genuine = await wa.sender.send_text("Oi de verdade")
     await wa.replies(2)
@@ -383,7 +377,7 @@ async def test_outside_the_24_hour_window_is_recorded_and_not_retried(wa):
     assert [(r.status, r.code) for r in wa.twilio.rest_requests] == [(400, 63016)]
     [outbound] = await wa.store.outbound_for(result.message_sid)
     assert (outbound.kind, outbound.status, outbound.error_code) == ("text", "failed", 63016)
-    record = await wa.store.inbound_record(result.message_sid)
+    record = await inbound_record(wa.store, result.message_sid)
     assert record.status == "failed" and record.attempts == 1 and "63016" in record.error
 
 
@@ -402,14 +396,14 @@ async def test_twilio_down_past_the_inline_retries_requeues_without_asking_the_m
     wa.twilio.fail_next(503, count=len(SEND_RETRY_DELAYS_S) + 1)  # every in-line try fails
     result = await wa.sender.send_text("Oi")
     async with asyncio.timeout(WAIT_S):
-        assert await wa.worker.wait_for(result.message_sid, ("retry",)) == "retry"
+        assert await wait_settled(wa.store, result.message_sid, ("retry",)) == "retry"
     assert await wa.settled(result.message_sid) == "done"  # the queue's backoff, then sent
     await wa.replies(2)
     tries = len(SEND_RETRY_DELAYS_S) + 1
     assert [r.status for r in wa.twilio.rest_requests] == [503] * tries + [201, 201]
     [session] = wa.realtime.sessions
     assert len(session.responses) == 1  # the saved reply was resent, not recomposed
-    record = await wa.store.inbound_record(result.message_sid)
+    record = await inbound_record(wa.store, result.message_sid)
     assert (record.status, record.attempts) == ("done", 2)
 
 
@@ -417,7 +411,7 @@ async def test_a_message_waiting_for_its_retry_is_not_overtaken_by_the_next_one(
     wa.twilio.fail_next(503, count=len(SEND_RETRY_DELAYS_S) + 1)  # the first reply bounces
     first = await wa.sender.send_text("Primeira pergunta")
     async with asyncio.timeout(WAIT_S):
-        assert await wa.worker.wait_for(first.message_sid, ("retry",)) == "retry"
+        assert await wait_settled(wa.store, first.message_sid, ("retry",)) == "retry"
     second = await wa.sender.send_text("Segunda pergunta")  # while the first waits
     assert await wa.settled(second.message_sid) == "done"
     assert await wa.settled(first.message_sid) == "done"
@@ -459,7 +453,7 @@ async def test_a_message_accepted_before_a_crash_is_answered_once_after_restart(
         text, voice = await wa.replies(2)
         assert text.body == REPLY and voice.media_urls[0].startswith(second.url)
         assert len(twilio_sim.messages) == 2
-        record = await wa.store.inbound_record(accepted.message_sid)
+        record = await inbound_record(wa.store, accepted.message_sid)
         assert (record.status, record.attempts) == ("done", 2)
 
 

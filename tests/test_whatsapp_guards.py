@@ -18,11 +18,12 @@ import pytest
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
-from gateway.whatsapp import STATUS_PATH, WEBHOOK_PATH, WHATSAPP
+from gateway.whatsapp import STATUS_PATH, WEBHOOK_PATH
 from simulators.realtime import RealtimeSimulator
 from simulators.twilio import TwilioSimulator
 from simulators.whatsapp_sender import WhatsAppSender
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, GatewayFactory, RunningGateway
+from tests.store_helpers import inbound_record, wait_settled
 
 USER = "+5516999990001"
 FOREIGN_ACCOUNT = "AC" + "cd" * 16
@@ -45,10 +46,8 @@ class Guarded:
         return self.gateway.runtime.persona.messages[key]
 
     async def settled(self, message_sid: str) -> str:
-        worker = self.gateway.app[WHATSAPP].worker
-        assert worker is not None
         async with asyncio.timeout(WAIT_S):
-            return await worker.wait_for(message_sid)
+            return await wait_settled(self.gateway.runtime.store, message_sid)
 
     async def errors(self, kind: str) -> float:
         url = f"{self.gateway.url}/metrics"
@@ -142,7 +141,7 @@ async def test_a_captured_webhook_re_split_into_other_fields_is_refused_and_cost
     await guarded.twilio.wait_for_messages(2, timeout=WAIT_S, settled=True)
     await asyncio.sleep(0.3)
     assert len(guarded.twilio.messages) == 2 and len(guarded.realtime.sessions) == 1
-    assert await guarded.gateway.runtime.store.inbound_record(forged_sid) is None
+    assert await inbound_record(guarded.gateway.runtime.store, forged_sid) is None
 
 
 @pytest.mark.parametrize(
@@ -272,7 +271,7 @@ async def assert_answered_at_once(guarded: Guarded, sid: str, key: str) -> None:
     [reply] = await guarded.twilio.wait_for_messages(1, timeout=AT_ONCE_S, settled=True)
     assert reply.body == guarded.persona_message(key) and reply.media_urls == []
     assert await guarded.settled(sid) == "done"
-    record = await guarded.gateway.runtime.store.inbound_record(sid)
+    record = await inbound_record(guarded.gateway.runtime.store, sid)
     assert record is not None and record.attempts == 1  # never retried
     assert guarded.realtime.sessions == []
 

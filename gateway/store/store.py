@@ -260,18 +260,6 @@ class Store(LifecycleQueries):
         ]  # fmt: skip
 
     # the durable inbound queue
-    async def accept_inbound(
-        self, message_sid: str, person_id: int, payload: dict[str, Any]
-    ) -> bool:
-        """Store a webhook before it is acknowledged; False for a MessageSid already seen."""
-        now = utcnow()
-        cur = await self._db.execute(
-            "INSERT OR IGNORE INTO inbound_messages (message_sid, person_id, payload, "
-            "next_try_at, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (message_sid, person_id, json.dumps(payload, ensure_ascii=False), now, now, now),
-        )
-        return cur.rowcount == 1
-
     async def claim_inbound(self, stale_after_s: float = 300.0) -> InboundMessage | None:
         """Claim the oldest ready message: pending and due, or processing for too long (a crash);
         never one held back behind an earlier unfinished message of its person."""
@@ -354,13 +342,6 @@ class Store(LifecycleQueries):
             f"WHERE message_sid IN ({marks}) AND status = 'pending'",
             (message_sid, stamp, *merged),
         )
-
-    async def inbound_status(self, message_sid: str) -> str | None:
-        async with self._db.execute(
-            "SELECT status FROM inbound_messages WHERE message_sid = ?", (message_sid,)
-        ) as cur:
-            row = await cur.fetchone()
-        return row["status"] if row else None
 
     # usage
     async def add_usage(
@@ -451,19 +432,6 @@ class Store(LifecycleQueries):
         ) as cur:
             (due,) = await cur.fetchone()
         return datetime.fromisoformat(due) if due else None
-
-    async def inbound_record(self, message_sid: str) -> InboundRecord | None:
-        async with self._db.execute(
-            "SELECT message_sid, person_id, status, attempts, error FROM inbound_messages "
-            "WHERE message_sid = ?",
-            (message_sid,),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        return InboundRecord(
-            row["message_sid"], row["person_id"], row["status"], row["attempts"], row["error"]
-        )
 
     async def save_reply(self, reply: WhatsAppReply) -> None:
         """Keep a reply, and a model reply's two turns with it in one transaction: a crash can
@@ -625,17 +593,6 @@ class Store(LifecycleQueries):
     async def delete_expired_media(self) -> int:
         cur = await self._db.execute("DELETE FROM media WHERE expires_at <= ?", (utcnow(),))
         return cur.rowcount
-
-
-@dataclass(frozen=True)
-class InboundRecord:
-    """An inbound message's bookkeeping, without its payload."""
-
-    message_sid: str
-    person_id: int
-    status: str
-    attempts: int
-    error: str | None
 
 
 @dataclass(frozen=True)
