@@ -1,7 +1,7 @@
 """What the tests read and write about the WhatsApp inbound queue, through the store's
 public interface (`accept_inbound_batch`, the webhook's own path, and `Store.rows`).
 
-The product never needs these: it accepts in batches and the worker knows its outcomes.
+The product never needs these: it accepts in batches and never asks after one message.
 """
 
 from __future__ import annotations
