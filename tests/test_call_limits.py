@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 from xml.etree import ElementTree
 
-import aiohttp
 import pytest
 
 from gateway.calls import REGISTRY
@@ -19,6 +18,7 @@ from simulators.caller import DialResult, SimulatedCaller
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.test_call_faults import errors_of_kind
 
 PUBLIC = "https://gw.example.test"
 
@@ -82,15 +82,6 @@ def people(gateway) -> int:
         return db.execute("SELECT count(*) FROM people").fetchone()[0]
     finally:
         db.close()
-
-
-async def errors_of_kind(gateway, kind: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    for line in text.splitlines():
-        if line.startswith(f'gateway_errors_total{{kind="{kind}"}}'):
-            return float(line.split()[-1])
-    return 0.0
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:  # noqa: ASYNC109

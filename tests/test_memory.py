@@ -23,15 +23,20 @@ WA_FACT = "Tenho uma imobiliária em Ribeirão Preto e quero vender mais lançam
 WAIT_S = 10.0  # a bound against hangs, not a speed claim
 
 
-@pytest.fixture
-def sim_config() -> RealtimeSimConfig:
+def caller_saying(transcript: str) -> RealtimeSimConfig:
+    """A quick simulated model that hears the caller say `transcript`."""
     return RealtimeSimConfig(
         first_audio_latency_ms=30,
         speed=20.0,
         ms_per_char=20,
         reply_text="Que bom falar com você!",
-        input_transcript=f"Oi, aqui é o Bruno, {CALL_FACT}.",
+        input_transcript=transcript,
     )
+
+
+@pytest.fixture
+def sim_config() -> RealtimeSimConfig:
+    return caller_saying(f"Oi, aqui é o Bruno, {CALL_FACT}.")
 
 
 @pytest.fixture

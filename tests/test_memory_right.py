@@ -16,7 +16,14 @@ from simulators.caller import SimulatedCaller
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
-from tests.test_memory import ADMIN, WAIT_S, admin, wait_until, whatsapp_text
+from tests.test_memory import (
+    ADMIN,
+    WAIT_S,
+    admin,
+    caller_saying,
+    wait_until,
+    whatsapp_text,
+)
 
 ANA = "+5516999990001"
 BRUNO = "+5517988880002"
@@ -27,13 +34,7 @@ SECRET = "minha senha do banco é girassol-9137"
 
 @pytest.fixture
 def sim_config() -> RealtimeSimConfig:
-    return RealtimeSimConfig(
-        first_audio_latency_ms=30,
-        speed=20.0,
-        ms_per_char=20,
-        reply_text="Que bom falar com você!",
-        input_transcript=f"Oi, {CALL_FACT}.",
-    )
+    return caller_saying(f"Oi, {CALL_FACT}.")
 
 
 @pytest.fixture
