@@ -19,6 +19,7 @@ DEFAULT_DATABASE_URL = "sqlite:///data/gateway.db"
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 CUSTOM_VOICE = re.compile(r"voice_[A-Za-z0-9_-]+")  # a voice made from recordings, by its id
 VAD_TYPES = ("server_vad", "semantic_vad")
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
 def voice_problem(value: str) -> str | None:
@@ -78,6 +79,11 @@ class Settings:
     max_live_calls: int = 100
     max_parked_calls: int = 50
     media_read_deadline_s: float = 30.0
+    crm_webhook_url: str | None = None
+    crm_webhook_secret: str | None = field(default=None, repr=False)
+    human_transfer_number: str | None = None
+    human_whatsapp_number: str | None = None
+    crm_retry_s: float = 5.0
 
     @property
     def sandbox_realtime(self) -> bool:
@@ -110,6 +116,7 @@ class Settings:
         token = reader.optional("TWILIO_AUTH_TOKEN")
         _check_twilio_pair(sid, token)
         local = f"http://127.0.0.1:{port}"
+        crm_url = reader.url("CRM_WEBHOOK_URL", "") if reader.optional("CRM_WEBHOOK_URL") else None
         return cls(
             openai_api_key=reader.optional("OPENAI_API_KEY"),
             openai_base_url=reader.url("OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL),
@@ -166,6 +173,14 @@ class Settings:
             max_parked_calls=reader.integer("MAX_PARKED_CALLS", 50, 1, 10000),
             # A media body that drips in slower than this is cut: a worker slot is not a hostage.
             media_read_deadline_s=reader.number("MEDIA_READ_DEADLINE_S", 30.0, 0.1, 600.0),
+            # The clone's tools: leads go to an optional CRM (each body signed with the
+            # secret); a hand-off is offered only where a human's number is set.
+            crm_webhook_url=crm_url,
+            crm_webhook_secret=_crm_secret(crm_url, reader.optional("CRM_WEBHOOK_SECRET")),
+            human_transfer_number=reader.e164("HUMAN_TRANSFER_NUMBER"),
+            human_whatsapp_number=reader.e164("HUMAN_WHATSAPP_NUMBER"),
+            # The first retry of a lead the CRM did not take; each next waits twice as long.
+            crm_retry_s=reader.number("CRM_RETRY_S", 5.0, 0.01, 600.0),
         )
 
 
@@ -211,6 +226,12 @@ class _Reader:
             raise SettingsError(name, problem)
         return value
 
+    def e164(self, name: str) -> str | None:
+        value = self.optional(name)
+        if value is not None and not E164.fullmatch(value):
+            raise SettingsError(name, f"must be an E.164 number like +5516999990000, got {value!r}")
+        return value
+
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = self.text(name, default)
         if value not in allowed:
@@ -235,6 +256,14 @@ def _check_twilio_pair(sid: str | None, token: str | None) -> None:
         )
     if sid and not (sid.startswith("AC") and len(sid) == 34):
         raise SettingsError("TWILIO_ACCOUNT_SID", "must be 'AC' followed by 32 hex characters")
+
+
+def _crm_secret(url: str | None, secret: str | None) -> str | None:
+    if url and not secret:
+        raise SettingsError(
+            "CRM_WEBHOOK_SECRET", "must be set with CRM_WEBHOOK_URL (it signs each lead)"
+        )
+    return secret
 
 
 def _database_url(value: str) -> str:

@@ -92,3 +92,27 @@ def test_the_command_line_reports_a_bad_variable_and_exits(tmp_path):
     )
     assert proc.returncode == 2
     assert "PORT" in proc.stderr and "not-a-port" in proc.stderr
+
+
+def test_tool_settings_are_optional_and_checked_naming_the_variable():
+    s = Settings.from_env({})
+    assert s.crm_webhook_url is None and s.human_transfer_number is None
+    s = Settings.from_env(
+        {
+            "CRM_WEBHOOK_URL": "https://crm.example.com/hook",
+            "CRM_WEBHOOK_SECRET": "s3cr3t",
+            "HUMAN_TRANSFER_NUMBER": "+5516999990000",
+            "HUMAN_WHATSAPP_NUMBER": "+5516999990001",
+        }
+    )
+    assert s.crm_webhook_url == "https://crm.example.com/hook"
+    assert "s3cr3t" not in repr(s)
+    for env, name in (
+        ({"CRM_WEBHOOK_URL": "https://crm.example.com/hook"}, "CRM_WEBHOOK_SECRET"),
+        ({"CRM_WEBHOOK_URL": "ftp://crm", "CRM_WEBHOOK_SECRET": "x"}, "CRM_WEBHOOK_URL"),
+        ({"HUMAN_TRANSFER_NUMBER": "016 99999"}, "HUMAN_TRANSFER_NUMBER"),
+        ({"HUMAN_WHATSAPP_NUMBER": "whatsapp:+5516999990000"}, "HUMAN_WHATSAPP_NUMBER"),
+    ):
+        with pytest.raises(SettingsError) as err:
+            Settings.from_env(env)
+        assert err.value.args[0] == name or name in str(err.value)
