@@ -11,9 +11,16 @@ here). `SimSession` (here: state, emitting, dispatch, session.update, conversati
 takes its other jobs from classes beside it: `InputAudio` (realtime_input.py: the input
 buffer and server VAD), `ResponseStreaming` (realtime_streaming.py: responses and their
 paced deltas) and `SessionRecord` (realtime_record.py: what was sent, read back and waited
-on by tests). The pieces without I/O: realtime_config.py (knobs and limits),
+on by tests). The pieces without I/O: realtime_config.py (knobs and limits, `SimToolCall`),
 realtime_audio.py (formats, reply audio, `EnergyVad`), realtime_state.py (session
-configuration rules, ids, `Conversation`, `SimResponse`).
+configuration rules, ids, `Conversation`, `SimResponse`, `ToolLedger`).
+
+Function calls: a `SimToolCall` knob (`RealtimeSimConfig.tool_calls`) makes a response
+call a function the session offers, as the real model does (output items of type
+`function_call`, arguments streamed); the session then checks what must follow: a
+`function_call_output` naming the call (an unknown `call_id` is the server's
+`invalid_tool_call_id` error) and a `response.create`. What the real server would let
+pass is recorded instead (`SimSession.tool_violations`).
 
 Server VAD emulation (documented so benchmarks can subtract it):
 - power is the mean square of the decoded samples over 20 ms windows of the audio
@@ -69,6 +76,7 @@ from simulators.realtime_config import (
     MIN_COMMIT_MS,
     MiB,
     RealtimeSimConfig,
+    SimToolCall,
 )
 from simulators.realtime_events import ClientEventError, check_client_event
 from simulators.realtime_input import InputAudio
@@ -76,8 +84,14 @@ from simulators.realtime_record import SessionRecord
 from simulators.realtime_state import (
     Conversation,
     ConvItem,
+    OfferedTools,
+    RefusedToolCall,
     SimResponse,
     Timed,
+    ToolCallRecord,
+    ToolLedger,
+    ToolOutput,
+    ToolViolation,
     _copy,
     _is_assistant_audio,
     default_session,
@@ -101,11 +115,18 @@ __all__ = [
     "Conversation",
     "EnergyVad",
     "Link",
+    "OfferedTools",
     "RealtimeSimConfig",
     "RealtimeSimulator",
+    "RefusedToolCall",
     "SimResponse",
     "SimSession",
+    "SimToolCall",
     "Timed",
+    "ToolCallRecord",
+    "ToolLedger",
+    "ToolOutput",
+    "ToolViolation",
     "VadEvent",
     "VadParams",
     "bytes_per_ms",
@@ -170,6 +191,7 @@ class SimSession(ResponseStreaming, InputAudio, SessionRecord):
         self.conversation = Conversation()
         self.committed: list[ConvItem] = []  # user items made from the input buffer
         self.responses: list[SimResponse] = []
+        self.ledger = ToolLedger()  # function calls and what followed them: see SessionRecord
         self.audio_output_started = False
         self.closed = False
         self.closed_at: float | None = None
@@ -290,6 +312,7 @@ class SimSession(ResponseStreaming, InputAudio, SessionRecord):
 
     def on_closed(self, code: int | None) -> None:
         self.closed, self.closed_at, self.close_code = True, time.monotonic(), code
+        self.ledger.closed(self.closed_at)
         for task in list(self._tasks):
             task.cancel()
         for resp in self.responses:
@@ -367,11 +390,22 @@ class SimSession(ResponseStreaming, InputAudio, SessionRecord):
         item = self._item_from_client(item_id, data, raw)
         if item is None:
             return
+        call = None
+        if item.kind == "function_call_output":
+            call = self.conversation.function_call(data["call_id"])
+            if call is None:
+                self.ledger.unknown_output(data["call_id"], time.monotonic())
+                message = f"Tool call ID '{data['call_id']}' not found in conversation."
+                return self._fail(message, "invalid_tool_call_id", None, raw)
         try:
             previous = self.conversation.insert(item, raw.get("previous_item_id"))
         except KeyError:
             message = f"Previous item with id '{raw['previous_item_id']}' not found."
             return self._fail(message, "invalid_value", "previous_item_id", raw)
+        if call is not None:
+            self.ledger.output(data["call_id"], call.data["name"], data["output"], time.monotonic())
+        elif item.role == "user":
+            self.ledger.turn_started("a user item was created", time.monotonic())
         self._announce_item(item, previous)
 
     def _item_from_client(self, item_id: str, data: dict, raw: dict) -> ConvItem | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,9 +27,40 @@ DEFAULT_REPLY = (
     "Em que posso ajudar hoje?"
 )
 
+ARGUMENTS_DELTA_CHARS = 24  # function call arguments per response.function_call_arguments.delta
+
 ReplyFn = Callable[["SimSession", "ConvItem | None"], "str | Awaitable[str]"]
 TranscriptFn = Callable[["SimSession", "ConvItem"], str]
 MangleFn = Callable[[dict], Any]
+TriggerFn = Callable[["SimSession", "ConvItem | None"], bool]
+
+
+@dataclass
+class SimToolCall:
+    """A function call the simulated model makes, when `trigger` matches a response's trigger.
+
+    `trigger`: None = the next response that is not itself answering a function_call_output;
+    a str = a case-insensitive substring of what the caller said in the triggering user item
+    (its text, or for audio what `input_transcript` says they said, transcription on or not);
+    a callable (session, trigger item or None) -> bool. That response says `say_first` (if
+    set; an assistant message streamed like any reply), then calls `name` with `arguments`
+    (a dict is sent as compact JSON; a str verbatim, malformed JSON included). Several knobs
+    matching one response are parallel calls, unless `parallel_tool_calls` is false.
+    The session must offer the function (`tools`, `tool_choice`); otherwise it is not called
+    and the refusal is recorded (`SimSession.tool_calls_refused`). `once`: at most once per
+    session (a refusal spends it too, as the moment has passed).
+    """
+
+    name: str
+    arguments: dict | str = field(default_factory=dict)
+    trigger: str | TriggerFn | None = None
+    say_first: str | None = None
+    once: bool = True
+
+    def arguments_json(self) -> str:
+        if isinstance(self.arguments, str):
+            return self.arguments
+        return json.dumps(self.arguments, ensure_ascii=False, separators=(",", ":"))
 
 
 # ---- configuration ---------------------------------------------------------------------
@@ -65,3 +97,5 @@ class RealtimeSimConfig:
     refuse_sessions: int = 0  # this many upgrades are refused with HTTP 500 first
     mangle: MangleFn | None = None  # (event) -> what is sent instead: any JSON value or raw text
     drop_after_deltas: int | None = None  # each session's TCP dies after this many audio deltas
+    # Function calls the model makes (see SimToolCall), checked for what must follow them.
+    tool_calls: list[SimToolCall] = field(default_factory=list)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 
 from simulators.realtime_audio import EnergyVad, VadEvent, VadParams, bytes_per_ms
 from simulators.realtime_config import MAX_APPEND_BYTES, MIN_COMMIT_MS, RealtimeSimConfig
-from simulators.realtime_state import Conversation, ConvItem, SimResponse, new_id
+from simulators.realtime_state import Conversation, ConvItem, SimResponse, ToolLedger, new_id
 
 
 class InputAudio:
@@ -26,6 +27,7 @@ class InputAudio:
     buffer: bytearray
     buffer_start_ms: float
     appends_received: int
+    ledger: ToolLedger
     _vad: EnergyVad
     _vad_params: VadParams | None
     _speech_item_id: str | None
@@ -122,6 +124,7 @@ class InputAudio:
         data = {"id": item_id, "type": "message", "object": "realtime.item"}
         data |= {"status": "completed", "role": "user", "content": [content]}
         item = ConvItem(item_id, data, bytearray(audio), self.input_format)
+        self.ledger.turn_started("the input audio buffer was committed", time.monotonic())
         previous = self.conversation.insert(item)
         self.committed.append(item)
         self.emit("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
@@ -136,10 +139,20 @@ class InputAudio:
             self.emit("conversation.item.created", previous_item_id=previous, item=item.public())
         self.emit("conversation.item.done", previous_item_id=previous, item=item.public())
 
+    def caller_said(self, item: ConvItem) -> str:
+        """What the caller said in a user item, as the model heard it: its text, or for audio
+        the `input_transcript` knob (asked once per item), whether transcription is on or not."""
+        if item.heard is None:
+            text = item.text().strip()
+            if not text and item.audio:
+                source = self.sim_config.input_transcript
+                text = source if isinstance(source, str) else source(self, item)
+            item.heard = text
+        return item.heard
+
     async def _transcribe(self, item: ConvItem) -> None:
         await asyncio.sleep(self.sim_config.transcription_latency_ms / 1000)
-        source = self.sim_config.input_transcript
-        text = source if isinstance(source, str) else source(self, item)
+        text = self.caller_said(item)
         item.data["content"][0]["transcript"] = text
         ids = {"item_id": item.id, "content_index": 0}
         self.emit("conversation.item.input_audio_transcription.delta", **ids, delta=text)
@@ -171,6 +184,7 @@ class InputAudio:
             audio_start_ms=int(start),
             item_id=self._speech_item_id,
         )
+        self.ledger.turn_started("the caller started speaking", time.monotonic())
         turn = self.turn_detection or {}
         active = self.active_response
         if active and turn.get("interrupt_response", True):

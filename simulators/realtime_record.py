@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 from simulators.realtime_state import Timed
 
 if TYPE_CHECKING:
-    from simulators.realtime_state import SimResponse
+    from simulators.realtime_state import (
+        RefusedToolCall,
+        SimResponse,
+        ToolCallRecord,
+        ToolLedger,
+        ToolOutput,
+        ToolViolation,
+    )
 
 
 class SessionRecord:
@@ -20,6 +27,7 @@ class SessionRecord:
 
     sent: list[Timed]
     responses: list[SimResponse]
+    ledger: ToolLedger
     id: str
     closed: bool
     close_code: int | None
@@ -31,6 +39,28 @@ class SessionRecord:
 
     def sent_types(self) -> list[str]:
         return [t.event["type"] for t in self.sent]
+
+    # -- function calls (the `tool_calls` knob) and what followed them --
+
+    @property
+    def tool_calls(self) -> list[ToolCallRecord]:
+        """Every function call the model made, in order, with the output it got."""
+        return self.ledger.calls
+
+    @property
+    def tool_outputs(self) -> list[ToolOutput]:
+        """Every accepted function_call_output: (call_id, name, output, at)."""
+        return self.ledger.outputs
+
+    @property
+    def tool_violations(self) -> list[ToolViolation]:
+        """What the client got wrong around function calls (kinds: `ToolLedger`)."""
+        return self.ledger.violations
+
+    @property
+    def tool_calls_refused(self) -> list[RefusedToolCall]:
+        """Knobs' calls the session did not offer, so the model did not make them."""
+        return self.ledger.refused
 
     # -- measurement --
 

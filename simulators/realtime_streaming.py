@@ -1,4 +1,9 @@
-"""Responses on a Realtime session: created, streamed as paced deltas, finished, billed."""
+"""Responses on a Realtime session: created, streamed as paced deltas, finished, billed.
+
+A response's output is an assistant message (audio + transcript, or text) or, when a
+`SimToolCall` knob matches its trigger, an optional message (`say_first`) followed by
+`function_call` items whose arguments stream as `response.function_call_arguments.delta`.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,18 @@ import time
 from typing import NamedTuple
 
 from simulators.realtime_audio import bytes_per_ms, reply_audio
-from simulators.realtime_config import RealtimeSimConfig
-from simulators.realtime_state import Conversation, ConvItem, SimResponse, _normalized, new_id
+from simulators.realtime_config import ARGUMENTS_DELTA_CHARS, RealtimeSimConfig, SimToolCall
+from simulators.realtime_state import (
+    Conversation,
+    ConvItem,
+    OfferedTools,
+    SimResponse,
+    ToolCallRecord,
+    ToolLedger,
+    _normalized,
+    new_call_id,
+    new_id,
+)
 
 log = logging.getLogger("simulators.realtime")  # the simulator's one logger, as before
 
@@ -30,6 +45,7 @@ class ResponseStreaming:
     responses: list[SimResponse]
     audio_ms: float
     audio_output_started: bool
+    ledger: ToolLedger
     _last_input_tokens: int
 
     # -- responses --
@@ -48,7 +64,9 @@ class ResponseStreaming:
             if ref.get("type") == "item_reference" and ref["id"] not in self.conversation.items:
                 message = f"Item with id '{ref['id']}' not found in the conversation."
                 return self._fail(message, "invalid_value", f"response.input[{index}].id", raw)
-        self.start_response(params, trigger=self.conversation.last_user_item())
+        if not out_of_band:
+            self.ledger.response_requested(time.monotonic())
+        self.start_response(params, trigger=self.conversation.last_input_item())
 
     def _on_response_cancel(self, raw: dict) -> None:
         wanted = raw.get("response_id")
@@ -81,14 +99,34 @@ class ResponseStreaming:
             instructions=params.get("instructions") or self.config.get("instructions") or "",
             created_at=time.monotonic(),
         )
+        if resp.in_conversation:
+            self._plan_tool_calls(resp, params, trigger)
         self.responses.append(resp)
         self.emit("response.created", response=self._response_json(resp))
         self.emit("rate_limits.updated", rate_limits=self._rate_limits())
         resp.task = asyncio.ensure_future(self._stream(resp, trigger))
         return resp
 
+    def _plan_tool_calls(self, resp: SimResponse, params: dict, trigger: ConvItem | None) -> None:
+        """Which knobs this response calls (out-of-band responses call none)."""
+        resp.answers_tool_output = trigger is not None and trigger.kind == "function_call_output"
+
+        def matches(knob: SimToolCall) -> bool:
+            if knob.trigger is None:
+                return not resp.answers_tool_output
+            if callable(knob.trigger):
+                return bool(knob.trigger(self, trigger))
+            if trigger is None or trigger.role != "user":
+                return False
+            return knob.trigger.casefold() in self.caller_said(trigger).casefold()
+
+        offered = OfferedTools.of(params, self.config)
+        resp.tool_calls = self.ledger.choose(
+            self.sim_config.tool_calls, offered, matches, resp.id, time.monotonic()
+        )
+
     def _response_json(self, resp: SimResponse) -> dict:
-        output = [resp.item.public()] if resp.item and resp.stage != "created" else []
+        output = [item.public() for item in resp.outputs]
         voice = resp.voice.get("id") if isinstance(resp.voice, dict) else resp.voice
         return {
             "object": "realtime.response",
@@ -133,18 +171,72 @@ class ResponseStreaming:
 
     async def _stream_planned(self, resp: SimResponse, trigger: ConvItem | None) -> None:
         cfg = self.sim_config
-        text = await self._reply_text(trigger)
-        plan = plan_reply(resp, text, cfg)
-        resp.text = plan.text
+        said = [k.say_first for k in resp.tool_calls if k.say_first]
+        text = " ".join(said) if resp.tool_calls else await self._reply_text(trigger)
         speed = cfg.speed if cfg.speed > 0 else math.inf
         loop = asyncio.get_running_loop()
         t0 = loop.time() + cfg.first_audio_latency_ms / 1000 - (time.monotonic() - resp.created_at)
         await asyncio.sleep(max(0.0, t0 - loop.time()))
-        self._open_item(resp, plan)
-        for chunk in plan.chunks:
-            await asyncio.sleep(max(0.0, t0 + chunk.offset_ms / 1000 / speed - loop.time()))
-            self._send_chunk(resp, chunk)
-        self.finish_response(resp, plan.status, plan.reason)
+        if text or not resp.tool_calls:
+            plan = plan_reply(resp, text, cfg)
+            resp.text = plan.text
+            self._open_item(resp, plan)
+            for chunk in plan.chunks:
+                await asyncio.sleep(max(0.0, t0 + chunk.offset_ms / 1000 / speed - loop.time()))
+                self._send_chunk(resp, chunk)
+            if not resp.tool_calls or plan.status != "completed":
+                return self.finish_response(resp, plan.status, plan.reason)
+            self._close_part(resp, "completed")
+            resp.stage = "spoken"
+        for knob in resp.tool_calls:
+            await self._stream_call(resp, knob, cfg.delta_ms / 1000 / speed)
+        self.finish_response(resp, "completed")
+
+    async def _stream_call(self, resp: SimResponse, knob: SimToolCall, step_s: float) -> None:
+        """One function_call output item: added, its arguments in deltas, done."""
+        arguments = knob.arguments_json()
+        item_id, call_id = new_id("item"), new_call_id()
+        data = {"id": item_id, "type": "function_call", "object": "realtime.item"}
+        data |= {"status": "in_progress", "name": knob.name, "call_id": call_id, "arguments": ""}
+        item = ConvItem(item_id, data, response_id=resp.id)
+        index = len(resp.outputs)
+        resp.outputs.append(item)
+        resp.open_call = item
+        record = ToolCallRecord(call_id, knob.name, arguments, item_id, resp.id, time.monotonic())
+        resp.calls.append(record)
+        self.ledger.calls.append(record)
+        ids = {"response_id": resp.id, "output_index": index}
+        self.emit("response.output_item.added", **ids, item=item.public())
+        if resp.in_conversation:
+            previous = self.conversation.insert(item)
+            self.emit("conversation.item.added", previous_item_id=previous, item=item.public())
+        ids |= {"item_id": item_id, "call_id": call_id}
+        count = max(1, math.ceil(len(arguments) / ARGUMENTS_DELTA_CHARS))
+        for piece in _split(arguments, count):
+            await asyncio.sleep(step_s)
+            data["arguments"] += piece
+            self.emit("response.function_call_arguments.delta", **ids, delta=piece)
+        self._close_call(resp, "completed")
+
+    def _close_call(self, resp: SimResponse, status: str) -> None:
+        """The open function_call item is done: completed, or incomplete when cut short."""
+        item, record = resp.open_call, resp.calls[-1]
+        assert item is not None
+        resp.open_call = None
+        data, index = item.data, resp.outputs.index(item)
+        ids = {"response_id": resp.id, "item_id": item.id, "output_index": index}
+        self.emit(
+            "response.function_call_arguments.done",
+            **ids,
+            call_id=record.call_id,
+            name=record.name,
+            arguments=data["arguments"],
+        )
+        data["status"] = record.status = status
+        record.done_at = time.monotonic()
+        del ids["item_id"]
+        self.emit("response.output_item.done", **ids, item=item.public())
+        self._item_done(resp, item)
 
     def _open_item(self, resp: SimResponse, plan: _Plan) -> None:
         audio = resp.modality == "audio"
@@ -154,6 +246,7 @@ class ResponseStreaming:
         resp.item = ConvItem(item_id, data, bytearray(), resp.format["type"] if audio else None)
         resp.item.full_transcript, resp.item.full_audio_ms = plan.full_text, plan.duration_ms
         resp.item.response_id = resp.id
+        resp.outputs.append(resp.item)
         resp.stage = "item"
         ids = {"response_id": resp.id, "output_index": 0}
         self.emit("response.output_item.added", **ids, item=resp.item.public())
@@ -203,6 +296,8 @@ class ResponseStreaming:
             resp.status_details = {"type": status, "reason": reason}
         if resp.stage == "part":
             self._close_part(resp, "completed" if status == "completed" else "incomplete")
+        if resp.open_call is not None:
+            self._close_call(resp, "incomplete")
         resp.stage = "finished"
         resp.usage = self._usage(resp)
         resp.done_at = time.monotonic()
@@ -227,12 +322,12 @@ class ResponseStreaming:
         item.data["status"] = item_status
         del ids["item_id"], ids["content_index"]
         self.emit("response.output_item.done", **ids, item=item.public())
+        self._item_done(resp, item)
+
+    def _item_done(self, resp: SimResponse, item: ConvItem) -> None:
         if resp.in_conversation and self.conversation.get(item.id) is item:
-            self.emit(
-                "conversation.item.done",
-                previous_item_id=self._previous_of(item),
-                item=item.public(),
-            )
+            previous = self._previous_of(item)
+            self.emit("conversation.item.done", previous_item_id=previous, item=item.public())
 
     def _previous_of(self, item: ConvItem) -> str | None:
         index = self.conversation.order.index(item.id)
@@ -241,12 +336,15 @@ class ResponseStreaming:
     def _usage(self, resp: SimResponse) -> dict:
         instructions = math.ceil(len(resp.instructions) / 4)
         text_in = audio_in = 0
+        own = {item.id for item in resp.outputs}
         for item in self.conversation if resp.in_conversation else []:
-            if item is resp.item:
+            if item.id in own:
                 continue
             text_in += math.ceil(len(item.text()) / 4)
             audio_in += math.ceil(item.audio_ms / (50 if item.role == "assistant" else 100))
         text_out = math.ceil(len(resp.sent_text) / 4)
+        calls = [item for item in resp.outputs if item.kind == "function_call"]
+        text_out += sum(math.ceil(len(item.text()) / 4) for item in calls)  # the arguments
         audio_out = math.ceil(resp.audio_ms / 50)  # ~20 output audio tokens per second
         input_tokens = instructions + text_in + audio_in
         cached = min(self._last_input_tokens, input_tokens) // 64 * 64

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,6 +28,8 @@ from simulators.realtime import (
     RealtimeSimConfig,
     RealtimeSimulator,
     SimSession,
+    SimToolCall,
+    ToolLedger,
     reply_duration_ms,
     window_power,
 )
@@ -41,6 +44,19 @@ from simulators.speech import silence_mulaw, speech_mulaw, speech_pcm24k, synth_
 MODEL = "gpt-realtime-2.1"
 PCMU = {"type": "audio/pcmu"}
 FRAME = 160  # 20 ms of mu-law
+# A spoken reply's events, response.created to its item's conversation.item.done (no deltas).
+SPOKEN_REPLY = [
+    "response.created",
+    "rate_limits.updated",
+    "response.output_item.added",
+    "conversation.item.added",
+    "response.content_part.added",
+    "response.output_audio.done",
+    "response.output_audio_transcript.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "conversation.item.done",
+]
 
 
 # ---- fixtures and helpers --------------------------------------------------------------
@@ -295,16 +311,7 @@ async def test_vad_turn_commits_and_answers_in_pcmu(sim: RealtimeSimulator) -> N
         "input_audio_buffer.committed",
         "conversation.item.added",
         "conversation.item.done",
-        "response.created",
-        "rate_limits.updated",
-        "response.output_item.added",
-        "conversation.item.added",
-        "response.content_part.added",
-        "response.output_audio.done",
-        "response.output_audio_transcript.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "conversation.item.done",
+        *SPOKEN_REPLY,
         "response.done",
     ]
     assert client.types()[2:] == expected_order  # after session.created/updated
@@ -641,6 +648,244 @@ async def test_oversized_append_is_an_error(sim: RealtimeSimulator) -> None:
         error = (await client.until("error", within=10))["error"]
         assert (error["param"], error["event_id"]) == ("audio", "big")
         assert client.session.audio_ms == 0
+
+
+# ---- function calls --------------------------------------------------------------------
+
+CALL_ID = re.compile(r"^call_[A-Za-z0-9]{16}$")
+
+
+def function_tool(name: str) -> dict:
+    parameters = {"type": "object", "properties": {"reason": {"type": "string"}}}
+    return {"type": "function", "name": name, "description": name, "parameters": parameters}
+
+
+def user_text(text: str) -> dict:
+    content = [{"type": "input_text", "text": text}]
+    return {
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": "user", "content": content},
+    }
+
+
+def call_output(call_id: str, output: str, event_id: str = "evt_out") -> dict:
+    item = {"type": "function_call_output", "call_id": call_id, "output": output}
+    return {"type": "conversation.item.create", "event_id": event_id, "item": item}
+
+
+def since(client: Client, start: int) -> list[dict]:
+    return [e for e in client.events[start:] if not e["type"].endswith(".delta")]
+
+
+async def test_function_call_streams_the_real_events_and_its_output_is_answered(
+    make_sim: Callable[..., Any],
+) -> None:
+    def reply(session: SimSession, item: Any) -> str:
+        if item is not None and item.kind == "function_call_output":
+            return f"Resultado: {item.text()}"
+        return "Olá"
+
+    knob = SimToolCall("end_call", {"reason": "despedida do cliente"}, "TCHAU", "Até logo!")
+    sim = await make_sim(reply=reply, tool_calls=[knob])
+    async with connect(sim) as client:
+        await client.configure(tools=[function_tool("end_call")])
+        await client.send(user_text("Obrigado, tchau!"))
+        await client.until("conversation.item.done")
+        start = len(client.events)
+        await client.send({"type": "response.create"})
+        done = (await client.until("response.done"))["response"]
+        events = since(client, start)
+        for event in client.events[start:]:
+            check_server_event(event)
+
+        assert [e["type"] for e in events] == [
+            *SPOKEN_REPLY,
+            "response.output_item.added",
+            "conversation.item.added",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "conversation.item.done",
+            "response.done",
+        ]
+        assert events[6]["transcript"] == "Até logo!"
+        added = events[10]
+        call_id, item_id = added["item"]["call_id"], added["item"]["id"]
+        assert CALL_ID.match(call_id)
+        assert added == {
+            "type": "response.output_item.added",
+            "event_id": added["event_id"],
+            "response_id": done["id"],
+            "output_index": 1,
+            "item": {
+                "id": item_id,
+                "type": "function_call",
+                "object": "realtime.item",
+                "status": "in_progress",
+                "name": "end_call",
+                "call_id": call_id,
+                "arguments": "",
+            },
+        }
+        arguments = '{"reason":"despedida do cliente"}'
+        deltas = [e for e in client.events if e["type"] == "response.function_call_arguments.delta"]
+        assert len(deltas) >= 2 and "".join(d["delta"] for d in deltas) == arguments
+        assert {(d["item_id"], d["call_id"], d["output_index"]) for d in deltas} == {
+            (item_id, call_id, 1)
+        }
+        args_done = events[12]
+        assert args_done == {
+            "type": "response.function_call_arguments.done",
+            "event_id": args_done["event_id"],
+            "response_id": done["id"],
+            "item_id": item_id,
+            "output_index": 1,
+            "call_id": call_id,
+            "name": "end_call",
+            "arguments": arguments,
+        }
+        assert events[13]["item"] == added["item"] | {"status": "completed", "arguments": arguments}
+        assert events[14]["previous_item_id"] == events[8]["item"]["id"]  # after the message
+        assert [o["type"] for o in done["output"]] == ["message", "function_call"]
+        assert done["output"][1] == events[13]["item"] and done["status"] == "completed"
+        assert done["usage"]["output_token_details"]["text_tokens"] > len("Até logo!") / 4
+        [record] = client.session.tool_calls
+        assert (record.call_id, record.name, record.arguments, record.status) == (
+            call_id,
+            "end_call",
+            arguments,
+            "completed",
+        )
+
+        await client.send(call_output(call_id, '{"ok":true}'))
+        output_item = (await client.until("conversation.item.done"))["item"]
+        assert output_item["type"] == "function_call_output" and output_item["call_id"] == call_id
+        await client.send({"type": "response.create"})
+        answer = await client.until("response.output_audio_transcript.done")
+        assert answer["transcript"] == 'Resultado: {"ok":true}'  # the reply fn saw the output
+        answered = (await client.until("response.done"))["response"]
+        assert [o["type"] for o in answered["output"]] == ["message"]  # no second call
+
+        [received] = client.session.tool_outputs
+        assert received[:3] == (call_id, "end_call", '{"ok":true}')
+        assert received.at >= record.done_at and record.output == '{"ok":true}'
+    assert client.session.tool_violations == [] and client.session.tool_calls_refused == []
+
+
+async def test_output_for_an_unknown_call_is_the_servers_error(sim: RealtimeSimulator) -> None:
+    async with connect(sim) as client:
+        await client.send(call_output("call_nope", "x", "evt_bad"))
+        error = await client.until("error")
+        assert error["error"] == {
+            "type": "invalid_request_error",
+            "code": "invalid_tool_call_id",
+            "message": "Tool call ID 'call_nope' not found in conversation.",
+            "param": None,
+            "event_id": "evt_bad",
+        }
+        await client.sync()
+        assert len(client.session.conversation) == 0 and client.session.tool_outputs == []
+        [violation] = client.session.tool_violations
+        assert (violation.kind, violation.call_id) == (ToolLedger.UNKNOWN_CALL_ID, "call_nope")
+
+        # A function_call the client created itself (history replayed) takes an output.
+        call = {"type": "function_call", "name": "f", "call_id": "call_old", "arguments": "{}"}
+        await client.send({"type": "conversation.item.create", "item": call})
+        await client.send(call_output("call_old", "done"))
+        await client.sync()
+        assert [o[:3] for o in client.session.tool_outputs] == [("call_old", "f", "done")]
+
+
+async def test_parallel_calls_and_what_the_client_got_wrong(make_sim: Callable[..., Any]) -> None:
+    knobs = [SimToolCall("lookup", {"q": "fazenda"}), SimToolCall("save_lead", '{"nome":')]
+    sim = await make_sim(tool_calls=knobs)
+    async with connect(sim) as client:
+        await client.configure(tools=[function_tool("lookup"), function_tool("save_lead")])
+        await client.send({"type": "response.create"})
+        done = (await client.until("response.done"))["response"]
+        first, second = done["output"]  # no message: calls only, in parallel
+        assert (first["name"], second["name"]) == ("lookup", "save_lead")
+        assert second["arguments"] == '{"nome":'  # a str knob goes out verbatim, even broken
+        assert "response.output_audio.delta" not in client.types()
+        indexes = [
+            e["output_index"]
+            for e in client.events
+            if e["type"] == "response.function_call_arguments.done"
+        ]
+        assert indexes == [0, 1]
+
+        await client.send(call_output(first["call_id"], "3 fazendas"))
+        await client.send({"type": "response.create"})  # save_lead still has no output
+        await client.until("response.done")
+        await client.send(call_output(second["call_id"], "ok"))
+        await client.send(call_output(second["call_id"], "ok again"))
+        await client.sync()
+
+    session = client.session
+    await session.wait_for(lambda: session.closed)
+    kinds = [(v.kind, v.call_id) for v in session.tool_violations]
+    assert kinds == [
+        (ToolLedger.RESPONSE_BEFORE_OUTPUT, second["call_id"]),
+        (ToolLedger.DUPLICATE_OUTPUT, second["call_id"]),
+        (ToolLedger.OUTPUT_WITHOUT_RESPONSE, second["call_id"]),  # at close
+    ]
+    assert [c.output for c in session.tool_calls] == ["3 fazendas", "ok"]
+    assert len(session.responses) == 2  # the knobs fire once: the answer made no call
+
+
+async def test_caller_turn_before_the_output_and_a_call_left_at_close(
+    make_sim: Callable[..., Any],
+) -> None:
+    knob = SimToolCall("transfer_to_human", {}, trigger="falar com o endrigo")
+    sim = await make_sim(tool_calls=[knob], input_transcript="Quero FALAR com o Endrigo já")
+    async with contextlib.AsyncExitStack() as stack:
+        client = await pcmu_client(stack, sim, vad())
+        await client.configure(tools=[function_tool("transfer_to_human")])
+        await client.append(user_turn())
+        done = (await client.until("response.done"))["response"]
+        [call] = done["output"]
+        assert (call["name"], call["arguments"]) == ("transfer_to_human", "{}")
+        await client.append(user_turn(lead_ms=200))  # speaks again: the call has no output
+        await client.until("input_audio_buffer.speech_started")
+        await client.until("response.done")
+        session = client.session
+    await session.wait_for(lambda: session.closed)
+    assert [(v.kind, v.call_id) for v in session.tool_violations] == [
+        (ToolLedger.TURN_BEFORE_OUTPUT, call["call_id"]),
+        (ToolLedger.NO_OUTPUT_AT_CLOSE, call["call_id"]),
+    ]
+    assert session.tool_violations[0].detail.startswith("the caller started speaking")
+
+
+async def test_a_function_the_session_does_not_offer_is_never_called(
+    make_sim: Callable[..., Any],
+) -> None:
+    knobs = [
+        SimToolCall("end_call", {}),  # not offered
+        SimToolCall("lookup", {"q": "a"}, trigger=lambda s, item: item is not None, once=False),
+    ]
+    sim = await make_sim(tool_calls=knobs)
+    async with connect(sim) as client:
+        await client.configure(tools=[function_tool("lookup")], parallel_tool_calls=False)
+        await client.send(user_text("oi"))
+        await client.send({"type": "response.create"})
+        done = (await client.until("response.done"))["response"]
+        assert [o.get("name") for o in done["output"]] == ["lookup"]
+
+        await client.send(call_output(done["output"][0]["call_id"], "nada"))
+        await client.send({"type": "response.create", "response": {"tool_choice": "none"}})
+        done = (await client.until("response.done"))["response"]
+        assert [o["type"] for o in done["output"]] == ["message"]  # a plain reply
+        forced = {"type": "function", "name": "other"}
+        await client.send({"type": "response.create", "response": {"tool_choice": forced}})
+        await client.until("response.done")
+
+    refused = [(r.name, r.reason) for r in client.session.tool_calls_refused]
+    assert refused == [
+        ("end_call", "not offered"),
+        ("lookup", "tool_choice is 'none'"),
+        ("lookup", "tool_choice forces 'other'"),
+    ]
+    assert [c.name for c in client.session.tool_calls] == ["lookup"]
 
 
 # ---- closing ---------------------------------------------------------------------------
