@@ -1,4 +1,4 @@
-"""A local Twilio: the Messages REST API, media fetching, signed status callbacks, media hosting.
+"""A local Twilio: Messages and Calls REST APIs, media fetching, signed callbacks, media hosting.
 
 It speaks the real wire formats so the gateway's production code (the `twilio` SDK client,
 the signature checks, the media downloader) runs unchanged against it:
@@ -10,7 +10,19 @@ the signature checks, the media downloader) runs unchanged against it:
 * Inbound media: `add_media()` returns an `api.twilio.com`-style MediaUrl that needs Basic
   auth and 307-redirects to a second listener (the "CDN", another origin) serving it
   without auth, recording every request so tests can prove credentials never got there.
-* Failure injection: `fail_next()`, `close_window()` (24 h window, 63016), media 404-first-N.
+* `POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`, Twilio's "modify a live call" (what
+  `client.calls(sid).update(...)` sends; `GET` fetches): `Status=completed` hangs up,
+  `Twiml` or `Url` redirects, `Status=canceled` leaves an answered call alone; Twilio's
+  checks and error bodies (20404 unknown call, 21220 call not in progress, 21205 bad Url,
+  32018 Twiml over 4000 characters, 12100 Twiml not a `<Response>` document, 20001 bad
+  Status - that code is a guess). Calls are known when added (`add_call()`) or adopted:
+  a `SimulatedCaller` whose stream starts is adopted by the simulator given to it, or by
+  the one `adopting_callers()` for its account; while its stream is live the call is
+  in-progress, and an accepted hangup or redirect ends the stream as Twilio does (`stop`,
+  then the close). The simulator neither fetches a `Url` nor runs the new TwiML; it
+  records the `<Dial>` target (`CallUpdate.dial_number`).
+* Failure injection: `fail_next()`, `fail_next_call_update()`, `close_window()` (24 h
+  window, 63016), media 404-first-N.
 
 `python -m simulators.twilio --port 8766` runs it standalone (the newcomer sandbox).
 """
@@ -21,17 +33,21 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+from xml.etree import ElementTree
 
 import aiohttp
 from aiohttp import web
@@ -70,14 +86,21 @@ WHATSAPP_MEDIA_TYPES = frozenset(
 MAX_MEDIA_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MAX_BODY_CHARS = 1600
+CALL_SID = re.compile(r"^CA[0-9a-f]{32}$")
+MAX_TWIML_CHARS = 4000
+UPDATE_STATUSES = ("canceled", "completed")
 
 _ERROR_MESSAGES = {
+    12100: "Document parse failure",
+    20001: "Invalid Status. Status must be one of: canceled, completed",
     20003: "Authenticate",
     20404: "The requested resource was not found",
     20429: "Too Many Requests",
     20500: "Internal Server Error",
     20503: "Service Unavailable",
+    21205: "Url is not a valid URL",
     21211: "Invalid 'To' Phone Number",
+    21220: "Call is not in-progress. Cannot redirect.",
     21603: "A 'From' phone number is required.",
     21604: "A 'To' phone number is required.",
     21617: "The concatenated message body exceeds the 1600 character limit.",
@@ -86,6 +109,7 @@ _ERROR_MESSAGES = {
         "Failed to send freeform message because you are outside the allowed window. "
         "If you are using WhatsApp, please use a Message Template."
     ),
+    32018: "Twiml size exceeded maximum allowed value of 4000 characters",
     63019: "Media failed to download",
 }
 _DEFAULT_CODE_FOR_STATUS = {400: 21211, 401: 20003, 404: 20404, 429: 20429, 500: 20500, 503: 20503}
@@ -98,6 +122,11 @@ def new_sid(prefix: str) -> str:
 
 def rfc2822_now() -> str:
     return format_datetime(datetime.now(UTC).replace(microsecond=0))
+
+
+def _rfc2822_at(monotonic: float) -> str:
+    wall = time.time() - (time.monotonic() - monotonic)
+    return format_datetime(datetime.fromtimestamp(wall, UTC).replace(microsecond=0))
 
 
 def twilio_error(status: int, code: int, message: str | None = None) -> web.Response:
@@ -245,6 +274,105 @@ class CdnRequest:
     at: float
 
 
+class CallLeg(Protocol):
+    """The phone's side of a call (`simulators.caller.SimulatedCaller`), as Twilio sees it."""
+
+    call_sid: str
+    from_number: str
+    to_number: str
+    stream_ended_at: float | None  # monotonic, once the media stream has ended
+
+    @property
+    def stream_live(self) -> bool: ...
+
+    async def end_stream(self, reason: str) -> None: ...
+
+
+@dataclass
+class CallUpdate:
+    """One accepted POST to a Call resource; `at` is time.monotonic() when accepted."""
+
+    call_sid: str
+    status: str | None  # the form's Status
+    twiml: str | None  # the Twiml that runs (None when a Url came too: the Url wins)
+    url: str | None
+    method: str | None
+    status_callback: str | None
+    form: list[tuple[str, str]]
+    at: float
+    effect: str = "none"  # "completed" (hung up), "redirected", "none" (Status=canceled)
+    dial_number: str | None = None  # the <Dial> target in the Twiml, if any
+
+
+@dataclass
+class SimCall:
+    """A call Twilio knows: its status, the TwiML it was redirected to, its updates."""
+
+    sid: str
+    account_sid: str
+    from_: str
+    to: str
+    leg: CallLeg | None
+    created_at: float  # monotonic
+    phone_number_sid: str = field(default_factory=lambda: new_sid("PN"))
+    state: str | None = None  # set by updates or add_call(); None: from the leg's stream
+    twiml: str | None = None
+    url: str | None = None
+    dial_number: str | None = None
+    ended_at: float | None = None  # monotonic, when an update hung up
+    updates: list[CallUpdate] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.state is not None:
+            return self.state
+        return "in-progress" if self.leg is not None and self.leg.stream_live else "completed"
+
+    def to_json(self, base_path: str) -> dict[str, Any]:
+        """The Call resource as the API returns it (what `CallInstance` reads)."""
+        uri = f"{base_path}/Calls/{self.sid}"
+        ended = self.ended_at or (self.leg.stream_ended_at if self.leg else None)
+        done = self.status == "completed"
+        end = (ended or time.monotonic()) if done else None
+        subresources = ("notifications", "recordings", "payments", "events", "siprec", "streams")
+        return {
+            "account_sid": self.account_sid,
+            "answered_by": None,
+            "api_version": API_VERSION,
+            "caller_name": None,
+            "date_created": _rfc2822_at(self.created_at),
+            "date_updated": rfc2822_now(),
+            "direction": "inbound",
+            "duration": str(round(end - self.created_at)) if end is not None else None,
+            "end_time": _rfc2822_at(end) if end is not None else None,
+            "forwarded_from": None,
+            "from": self.from_,
+            "from_formatted": self.from_,
+            "group_sid": None,
+            "parent_call_sid": None,
+            "phone_number_sid": self.phone_number_sid,
+            "price": None,
+            "price_unit": "USD",
+            "queue_time": "0",
+            "sid": self.sid,
+            "start_time": _rfc2822_at(self.created_at),
+            "status": self.status,
+            "subresource_uris": {name: f"{uri}/{name.title()}.json" for name in subresources},
+            "to": self.to,
+            "to_formatted": self.to,
+            "trunk_sid": None,
+            "uri": f"{uri}.json",
+        }
+
+
+_ADOPTING: list[TwilioSimulator] = []  # see TwilioSimulator.adopting_callers
+
+
+def simulator_for(account_sid: str) -> TwilioSimulator | None:
+    """The simulator adopting callers of `account_sid`, if one is (the latest wins)."""
+    return next((sim for sim in reversed(_ADOPTING) if sim.account_sid == account_sid), None)
+
+
 class TwilioSimulator:
     """See the module docstring. All records are plain lists for tests to inspect."""
 
@@ -269,11 +397,14 @@ class TwilioSimulator:
         self.rest_requests: list[RestRequest] = []
         self.media: dict[str, HostedMedia] = {}
         self.cdn_requests: list[CdnRequest] = []
+        self.calls: dict[str, SimCall] = {}
+        self.call_updates: list[CallUpdate] = []
         self.base_url = ""
         self.cdn_base_url = ""
         self.app = self._build_app()
         self._cdn_app = self._build_cdn_app()
         self._failures: list[_Failure] = []
+        self._call_failures: list[_Failure] = []
         self._closed_windows: dict[str, str] = {}
         self._runners: list[web.AppRunner] = []
         self._session: aiohttp.ClientSession | None = None
@@ -324,6 +455,64 @@ class TwilioSimulator:
         """The next `count` authenticated creates answer `status` with a Twilio error `code`."""
         code = code if code is not None else _DEFAULT_CODE_FOR_STATUS.get(status, 20500)
         self._failures.append(_Failure(status, code, message, count))
+
+    def fail_next_call_update(
+        self, status: int = 500, code: int | None = None, count: int = 1, message: str | None = None
+    ) -> None:
+        """The next `count` authenticated Call updates answer `status` with Twilio's `code`."""
+        code = code if code is not None else _DEFAULT_CODE_FOR_STATUS.get(status, 20500)
+        self._call_failures.append(_Failure(status, code, message, count))
+
+    # ---- calls -----------------------------------------------------------------------------
+
+    def add_call(
+        self,
+        call_sid: str | None = None,
+        *,
+        from_: str = "+5516999990001",
+        to: str = "+551633334444",
+        status: str = "in-progress",
+    ) -> SimCall:
+        """A call without a media stream (REST-only tests): `status` until an update."""
+        sid = call_sid or new_sid("CA")
+        call = SimCall(sid, self.account_sid, from_, to, None, time.monotonic(), state=status)
+        self.calls[sid] = call
+        return call
+
+    def adopt(self, leg: CallLeg) -> SimCall:
+        """Know `leg`'s call: in-progress while its stream is live; an accepted hangup or
+        redirect ends the stream (`leg.end_stream`)."""
+        call = SimCall(
+            leg.call_sid, self.account_sid, leg.from_number, leg.to_number, leg, time.monotonic()
+        )
+        self.calls[call.sid] = call
+        return call
+
+    @contextlib.contextmanager
+    def adopting_callers(self) -> Iterator[TwilioSimulator]:
+        """Within: every `SimulatedCaller` of this account that starts a stream without a
+        simulator of its own is adopted here (the tests' `twilio_sim` fixture does this)."""
+        _ADOPTING.append(self)
+        try:
+            yield self
+        finally:
+            _ADOPTING.remove(self)
+
+    def call(self, sid: str) -> SimCall | None:
+        return self.calls.get(sid)
+
+    async def wait_for_call_updates(
+        self,
+        n: int,
+        timeout: float = 5.0,  # noqa: ASYNC109 - test-facing convenience
+    ) -> list[CallUpdate]:
+        """The first `n` accepted Call updates."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: len(self.call_updates) >= n)
+        except TimeoutError:
+            raise TimeoutError(f"wanted {n} call updates, have {self.call_updates}") from None
+        return self.call_updates[:n]
 
     def close_window(self, to: str, mode: str = "sync") -> None:
         """Recipient's 24 h window is closed: free-form messages fail with 63016.
@@ -395,6 +584,8 @@ class TwilioSimulator:
         app.router.add_post(f"{accounts}/Messages.json", self._create_message)
         app.router.add_get(f"{accounts}/Messages/{{sid}}.json", self._fetch_message)
         app.router.add_get(f"{accounts}/Messages/{{sid}}/Media/{{media}}", self._get_media)
+        app.router.add_post(f"{accounts}/Calls/{{sid}}.json", self._update_call)
+        app.router.add_get(f"{accounts}/Calls/{{sid}}.json", self._fetch_call)
         # Loopback-only helpers for the sandbox (another process cannot call add_media()).
         app.router.add_post("/_sim/media", self._sim_add_media)
         app.router.add_get("/_sim/messages", self._sim_list_messages)
@@ -437,7 +628,7 @@ class TwilioSimulator:
         # Twilio's order: credentials, then (injected) server trouble, then the form itself.
         response = self._gate(request)
         if response is None:
-            response = self._injected_failure()
+            response = self._injected_failure(self._failures)
         if response is None:
             response = self._validate(form)
         if response is None:
@@ -458,13 +649,13 @@ class TwilioSimulator:
             )
         )
 
-    def _injected_failure(self) -> web.Response | None:
-        if not self._failures:
+    def _injected_failure(self, failures: list[_Failure]) -> web.Response | None:
+        if not failures:
             return None
-        failure = self._failures[0]
+        failure = failures[0]
         failure.remaining -= 1
         if failure.remaining <= 0:
-            self._failures.pop(0)
+            failures.pop(0)
         return twilio_error(failure.status, failure.code, failure.message)
 
     def _validate(self, form: MultiDictProxy[Any]) -> web.Response | None:
@@ -509,6 +700,77 @@ class TwilioSimulator:
         if message is None:
             return twilio_error(404, 20404, f"The requested resource {request.path} was not found")
         return web.json_response(message.to_json(self._account_path()))
+
+    # ---- REST: Calls -----------------------------------------------------------------------
+
+    async def _update_call(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        fields = [(k, str(v)) for k, v in form.items()]
+        response = self._answer_update(request, form, fields)
+        self._record_rest(request, fields, response)
+        return response
+
+    def _answer_update(
+        self, request: web.Request, form: MultiDictProxy[Any], fields: list[tuple[str, str]]
+    ) -> web.Response:
+        # Credentials, the call, (injected) server trouble, the form, then the call's state.
+        call = self._known_call(request)
+        if isinstance(call, web.Response):
+            return call
+        refused = self._injected_failure(self._call_failures)
+        if refused is None:
+            refused = update_problem(form)
+        if refused is not None:
+            return refused
+        if call.status != "in-progress":
+            return twilio_error(400, 21220)
+        self._apply_update(call, form, fields)
+        return web.json_response(call.to_json(self._account_path()))
+
+    async def _fetch_call(self, request: web.Request) -> web.Response:
+        call = self._known_call(request)
+        if isinstance(call, web.Response):
+            return call
+        return web.json_response(call.to_json(self._account_path()))
+
+    def _known_call(self, request: web.Request) -> SimCall | web.Response:
+        """The call in the path, or Twilio's 401/404 (a malformed CallSid is not found)."""
+        if (denied := self._gate(request)) is not None:
+            return denied
+        sid = request.match_info["sid"]
+        call = self.calls.get(sid) if CALL_SID.match(sid) else None
+        if call is None:
+            return twilio_error(404, 20404, f"The requested resource {request.path} was not found")
+        return call
+
+    def _apply_update(
+        self, call: SimCall, form: MultiDictProxy[Any], fields: list[tuple[str, str]]
+    ) -> CallUpdate:
+        status, url = form.get("Status"), form.get("Url") or None
+        twiml = None if url else form.get("Twiml")  # with both, Twilio ignores the Twiml
+        update = CallUpdate(
+            call.sid,
+            status,
+            twiml,
+            url,
+            form.get("Method"),
+            form.get("StatusCallback"),
+            fields,
+            time.monotonic(),
+        )
+        if status == "completed":
+            update.effect, call.state, call.ended_at = "completed", "completed", update.at
+        elif url or twiml:  # the call stays up, running the new TwiML
+            update.effect, call.state = "redirected", "in-progress"
+            call.twiml, call.url = twiml, url
+            call.dial_number = update.dial_number = dial_number(twiml) if twiml else None
+        # Status=canceled only stops calls still queued or ringing: an answered one goes on.
+        call.updates.append(update)
+        self.call_updates.append(update)
+        if update.effect != "none" and call.leg is not None and call.leg.stream_live:
+            self._spawn(call.leg.end_stream("completed" if status == "completed" else "redirect"))
+        self._spawn(self._notify())
+        return update
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -709,6 +971,43 @@ def media_problem(fetch: MediaFetch) -> str | None:
     if is_ogg and b"OpusHead" not in fetch.data[:512]:
         return "OGG without Opus"
     return None
+
+
+def update_problem(form: MultiDictProxy[Any]) -> web.Response | None:
+    """Twilio's 400 for a Call update's form, or None if the form is acceptable."""
+    status, url, twiml = form.get("Status"), form.get("Url"), form.get("Twiml")
+    if status is not None and status not in UPDATE_STATUSES:
+        return twilio_error(400, 20001)
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return twilio_error(400, 21205, f"Url is not a valid URL: {url}")
+        return None  # the Url wins; the Twiml is not read
+    if twiml is not None:
+        if len(twiml) > MAX_TWIML_CHARS:
+            return twilio_error(400, 32018)
+        if _twiml_root(twiml) is None:
+            return twilio_error(400, 12100)
+    return None
+
+
+def _twiml_root(twiml: str) -> ElementTree.Element | None:
+    """The parsed document if it is well-formed XML with a <Response> root."""
+    try:
+        root = ElementTree.fromstring(twiml)
+    except ElementTree.ParseError:
+        return None
+    return root if root.tag == "Response" else None
+
+
+def dial_number(twiml: str) -> str | None:
+    """Whom a TwiML document dials: `<Dial>+55…</Dial>` or its `<Number>`, `<Sip>`, `<Client>`."""
+    root = _twiml_root(twiml)
+    dial = root.find(".//Dial") if root is not None else None
+    if dial is None:
+        return None
+    target = next((c for c in dial if c.tag in ("Number", "Sip", "Client")), dial)
+    return (target.text or "").strip() or None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import encode_basic_auth, web
 from twilio.base.exceptions import TwilioRestException
 from twilio.request_validator import RequestValidator
+from twilio.rest import Client
 from yarl import URL
 
 from gateway.twilio_api import (
@@ -40,6 +41,12 @@ OGG_VORBIS = b"OggS\x00\x02" + bytes(22) + b"\x01\x1e\x01vorbis" + bytes(200)
 MP3 = b"ID3\x04\x00" + bytes(300)
 
 validator = RequestValidator(TOKEN)
+
+
+def error_body(status: int, code: int, message: str) -> dict[str, Any]:
+    """Twilio's JSON error body, as the API sends it."""
+    more_info = f"https://www.twilio.com/docs/errors/{code}"
+    return {"code": code, "message": message, "more_info": more_info, "status": status}
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
@@ -193,12 +200,7 @@ async def test_wrong_credentials_are_401_20003(sim):
         url = f"{sim.base_url}/2010-04-01/Accounts/{SID}/Messages.json"
         async with session.post(url, data={"To": USER, "Body": "x"}) as response:
             assert response.status == 401
-            assert await response.json() == {
-                "code": 20003,
-                "message": "Authenticate",
-                "more_info": "https://www.twilio.com/docs/errors/20003",
-                "status": 401,
-            }
+            assert await response.json() == error_body(401, 20003, "Authenticate")
     assert sim.messages == [] and [r.status for r in sim.rest_requests] == [401, 401]
 
 
@@ -245,6 +247,101 @@ async def test_closed_24h_window(sim, rest, gw):
     assert gw.callbacks[-1][0]["ErrorCode"] == "63016"
     sim.open_window(USER)
     assert (await rest.messages.create_async(to=USER, from_=BOT, body="ok")).status == "queued"
+
+
+# ---- REST: calls ------------------------------------------------------------------------
+
+DIAL = "<Response><Dial><Number>+5516988887777</Number></Dial></Response>"
+
+
+async def test_call_update_via_sdk_hangs_up_and_redirects(sim, rest):
+    call = sim.add_call(from_="+5516999990001", to="+551633334444")
+    updated = await rest.calls(call.sid).update_async(twiml=DIAL)
+    assert (updated.sid, updated.status, updated.account_sid) == (call.sid, "in-progress", SID)
+    assert (updated._from, updated.to, updated.direction) == (
+        "+5516999990001",
+        "+551633334444",
+        "inbound",
+    )
+    assert isinstance(updated.start_time, datetime) and updated.end_time is None
+    assert updated.uri == f"/2010-04-01/Accounts/{SID}/Calls/{call.sid}.json"
+    [redirect] = sim.call_updates
+    assert (redirect.effect, redirect.twiml, redirect.dial_number) == (
+        "redirected",
+        DIAL,
+        "+5516988887777",
+    )
+    assert redirect.form == [("Twiml", DIAL)] and call.status == "in-progress"
+
+    kept = await rest.calls(call.sid).update_async(status="canceled")  # answered: goes on
+    assert kept.status == "in-progress" and sim.call_updates[-1].effect == "none"
+
+    # The sync client, as `Client(...).calls(sid).update(...)` is usually written.
+    sync = Client(SID, TOKEN)
+    sync.api.base_url = sim.base_url
+    ended = await asyncio.to_thread(sync.calls(call.sid).update, status="completed")
+    assert ended.status == "completed" and isinstance(ended.end_time, datetime)
+    assert ended.duration == "0" and call.status == "completed"
+    assert [u.effect for u in call.updates] == ["redirected", "none", "completed"]
+    assert sim.call_updates[-1].at >= redirect.at
+    fetched = await rest.calls(call.sid).fetch_async()
+    assert fetched.status == "completed"
+
+    with pytest.raises(TwilioRestException) as excinfo:
+        await rest.calls(call.sid).update_async(status="completed")  # hanging up twice
+    assert (excinfo.value.status, excinfo.value.code) == (400, 21220)
+    assert excinfo.value.msg == "Unable to update record: Call is not in-progress. Cannot redirect."
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "code"),
+    [
+        ({"status": "busy"}, 400, 20001),
+        ({"url": "ftp://gw.example.com/twiml"}, 400, 21205),
+        ({"url": "/relative/twiml"}, 400, 21205),
+        ({"twiml": "<Response><Say>" + "a" * 4000 + "</Say></Response>"}, 400, 32018),
+        ({"twiml": "<Response><Say>oi</Response>"}, 400, 12100),
+        ({"twiml": "<Say>oi</Say>"}, 400, 12100),
+    ],
+)
+async def test_call_update_form_is_checked(sim, rest, fields, status, code):
+    call = sim.add_call()
+    with pytest.raises(TwilioRestException) as excinfo:
+        await rest.calls(call.sid).update_async(**fields)
+    assert (excinfo.value.status, excinfo.value.code) == (status, code)
+    assert sim.call_updates == [] and call.status == "in-progress"
+
+
+async def test_call_update_unknown_call_and_bad_credentials(sim, rest):
+    sim.add_call()
+    for sid in ("CA" + "0" * 32, "CA123", "CA" + "A" * 32):  # unknown, too short, upper case
+        with pytest.raises(TwilioRestException) as excinfo:
+            await rest.calls(sid).update_async(status="completed")
+        assert (excinfo.value.status, excinfo.value.code) == (404, 20404)
+    call = sim.add_call(status="completed")
+    wrong = make_rest_client(SID, "wrong-token", sim.base_url)
+    try:
+        with pytest.raises(TwilioRestException) as excinfo:
+            await wrong.calls(call.sid).update_async(status="completed")
+    finally:
+        await close_rest_client(wrong)
+    assert (excinfo.value.status, excinfo.value.code) == (401, 20003)
+    async with aiohttp.ClientSession() as session:
+        url = f"{sim.base_url}/2010-04-01/Accounts/{SID}/Calls/{call.sid}.json"
+        headers = {"Authorization": encode_basic_auth(SID, TOKEN)}
+        async with session.post(url, data={"Status": "completed"}, headers=headers) as response:
+            assert response.status == 400
+            message = "Call is not in-progress. Cannot redirect."
+            assert await response.json() == error_body(400, 21220, message)
+    assert [r.status for r in sim.rest_requests] == [404, 404, 404, 401, 400]
+    assert sim.call_updates == []
+
+    sim.fail_next_call_update(503)
+    live = sim.add_call()
+    with pytest.raises(TwilioRestException) as excinfo:
+        await rest.calls(live.sid).update_async(status="completed")
+    assert (excinfo.value.status, excinfo.value.code) == (503, 20503)
+    assert (await rest.calls(live.sid).update_async(status="completed")).status == "completed"
 
 
 # ---- inbound media host and CDN ---------------------------------------------------------
