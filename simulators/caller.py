@@ -8,6 +8,11 @@
   A `mark` is echoed once the audio queued before it has played; `clear` drops the buffer
   and echoes every pending mark at once. Anything that is not an exact Twilio shape is
   recorded as a protocol violation (Twilio would log 31950/31951).
+* Its call is known to a `TwilioSimulator` (the one passed as `twilio=`, else the one
+  `adopting_callers()` for its account) from the moment the stream starts: in-progress
+  while the stream is live. When that simulator accepts a hangup or a redirect of the call
+  over REST, Twilio's side ends the stream (`stop`, then the close; queued audio is cut,
+  pending marks never echoed) and `ended_by_update` says when and what was cut.
 
 Times are `loop.time()` (monotonic) seconds throughout.
 """
@@ -25,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 from xml.etree import ElementTree
 
@@ -34,7 +39,11 @@ import orjson
 from twilio.request_validator import RequestValidator
 
 from gateway.runtime import SANDBOX_ACCOUNT_SID
+from simulators.twilio import simulator_for
 from simulators.waits import Waits
+
+if TYPE_CHECKING:
+    from simulators.twilio import SimCall, TwilioSimulator
 
 API_VERSION = "2010-04-01"
 VOICE_PATH = "/webhook/voice"
@@ -92,6 +101,17 @@ class MarkRecord:
     echoed_at: float | None = None
     played_bytes: int = 0  # total audio played when it was echoed
     cleared: bool = False
+
+
+@dataclass
+class StreamEnd:
+    """Twilio ended the stream because the call was updated over REST (not a hangup by the
+    caller, not a close by the gateway)."""
+
+    reason: str  # "completed" (Status=completed) | "redirect" (new Twiml or Url)
+    at: float  # when `stop` went out
+    unplayed_bytes: int  # gateway audio still queued then: cut, never heard
+    pending_marks: list[str]  # marks not echoed by then: never echoed
 
 
 @dataclass
@@ -190,8 +210,12 @@ class SimulatedCaller:
         account_sid: str,
         from_number: str = "+5516999990001",
         to_number: str = "+551633334444",
+        *,
+        twilio: TwilioSimulator | None = None,
     ) -> None:
         self.gateway_url = gateway_url.rstrip("/")
+        self.twilio = twilio  # None: the simulator adopting callers of this account, if any
+        self.twilio_call: SimCall | None = None  # the simulator's record, once streaming
         self.public_base_url = public_base_url.rstrip("/")
         self._validator = RequestValidator(auth_token)
         self.account_sid = account_sid
@@ -216,6 +240,8 @@ class SimulatedCaller:
         self.closed = asyncio.Event()
         self.closed_by_server = False
         self.close_code: int | None = None
+        self.stream_ended_at: float | None = None
+        self.ended_by_update: StreamEnd | None = None
         # Internals.
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -317,6 +343,9 @@ class SimulatedCaller:
             loop.create_task(self._receive_loop()),
             loop.create_task(self._marks_loop()),
         ]
+        host = self.twilio or simulator_for(self.account_sid)
+        if host is not None:
+            self.twilio_call = host.adopt(self)
 
     def _start_message(self, parameters: dict[str, str]) -> dict[str, Any]:
         return {
@@ -375,6 +404,21 @@ class SimulatedCaller:
         await self._send(stop, numbered=True)
         await self._ws.close()
         await self._stop_tasks()
+
+    @property
+    def stream_live(self) -> bool:
+        """The media stream is up: started, and neither side has ended it."""
+        return self._ws is not None and not self._ws.closed and not self._hanging_up
+
+    async def end_stream(self, reason: str) -> None:
+        """Twilio's side ends the stream because the call was hung up or redirected over REST:
+        `stop`, then the close, as on a hangup; what was cut is in `ended_by_update`."""
+        if not self.stream_live:
+            return
+        now = asyncio.get_running_loop().time()
+        pending = [m.name for m in self._pending_marks]
+        self.ended_by_update = StreamEnd(reason, now, self.playback.remaining(now), pending)
+        await self.hangup()
 
     async def close(self) -> None:
         """Release everything (does not send `stop`; use hangup() for a polite end)."""
@@ -532,6 +576,7 @@ class SimulatedCaller:
                     break
                 self._waits.check()
         finally:
+            self.stream_ended_at = loop.time()
             self.close_code = self._ws.close_code
             self.closed_by_server = not self._hanging_up
             self.closed.set()
@@ -589,6 +634,8 @@ class SimulatedCaller:
             await self._echo(self._pending_marks.popleft(), now)
 
     async def _echo(self, record: MarkRecord, now: float) -> None:
+        if self._hanging_up:
+            return  # nothing after `stop`
         record.echoed_at = now
         record.played_bytes = self.playback.played(now)
         message = {

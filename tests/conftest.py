@@ -81,9 +81,11 @@ async def realtime_sim(sim_config: RealtimeSimConfig) -> AsyncIterator[RealtimeS
 
 @pytest.fixture
 async def twilio_sim() -> AsyncIterator[TwilioSimulator]:
+    """Also knows every SimulatedCaller's call once its stream starts (Calls resource)."""
     sim = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN)
     await sim.start(host="127.0.0.1", port=0)
-    yield sim
+    with sim.adopting_callers():
+        yield sim
     await sim.close()
 
 

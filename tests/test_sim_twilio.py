@@ -29,6 +29,7 @@ from simulators.caller import SimulatedCaller, validate_message
 from simulators.speech import speech_mulaw
 from simulators.twilio import TwilioSimulator
 from simulators.whatsapp_sender import WhatsAppSender
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 SID = "AC" + "1" * 32
 TOKEN = "sim-auth-token"
@@ -503,10 +504,13 @@ async def run_call(
     script: Script,
     body: Callable[[SimulatedCaller, FakeVoiceGateway], Awaitable[None]],
     token: str = TOKEN,
+    *,
+    account_sid: str = SID,
+    twilio: TwilioSimulator | None = None,
 ):
     gateway = FakeVoiceGateway(script)
     runner, base = await serve(gateway.app)
-    caller = SimulatedCaller(base, PUBLIC, token, SID)
+    caller = SimulatedCaller(base, PUBLIC, token, account_sid, twilio=twilio)
     try:
         await body(caller, gateway)
     finally:
@@ -715,3 +719,89 @@ def test_validate_message_shapes():
     assert validate_message('{"event":"mark","streamSid":"MZ1","mark":{"name":1}}', sid)[1]
     assert validate_message('{"event":["media"],"streamSid":"MZ1"}', sid)[1]
     assert validate_message("[1]", sid)[1]
+
+
+# ---- a call updated over REST ends the caller's stream ----------------------------------
+
+
+def playing(audio_ms: int, mark: str) -> Script:
+    """The fake gateway plays `audio_ms` of audio, then a mark."""
+
+    async def script(gw: FakeVoiceGateway) -> None:
+        await started(gw)
+        await gw.send_audio(b"\x10" * (8 * audio_ms))
+        await gw.mark(mark)
+
+    return script
+
+
+async def test_hangup_after_the_last_marks_ends_the_stream(sim, rest):
+    async def body(caller: SimulatedCaller, gw: FakeVoiceGateway) -> None:
+        await caller.dial()
+        await caller.connect()
+        assert caller.twilio_call is sim.call(caller.call_sid)
+        assert caller.twilio_call.status == "in-progress"
+        await caller.wait_until(lambda: caller.marks and caller.marks[0].echoed_at, timeout=3)
+        call = await rest.calls(caller.call_sid).update_async(status="completed")
+        assert call.status == "completed"
+        async with asyncio.timeout(3):
+            await caller.closed.wait()
+
+    caller, gw = await run_call(playing(300, "goodbye"), body, twilio=sim)
+    [update] = sim.call_updates
+    [mark] = caller.marks
+    assert mark.echoed_at is not None and update.at >= mark.echoed_at
+    end = caller.ended_by_update
+    assert end is not None and (end.reason, end.unplayed_bytes, end.pending_marks) == (
+        "completed",
+        0,
+        [],
+    )
+    assert end.at >= update.at and not caller.closed_by_server and not caller.stream_live
+    assert [m for _, m in gw.inbox][-1] == {
+        "event": "stop",
+        "sequenceNumber": gw.inbox[-1][1]["sequenceNumber"],
+        "streamSid": caller.stream_sid,
+        "stop": {"accountSid": SID, "callSid": caller.call_sid},
+    }
+    assert sim.call(caller.call_sid).status == "completed"
+
+
+async def test_redirect_to_dial_cuts_the_stream_and_the_call_goes_on(twilio_sim):
+    # The conftest fixture adopts callers of its account: nothing to wire.
+    rest = make_rest_client(ACCOUNT_SID, AUTH_TOKEN, twilio_sim.base_url)
+
+    async def body(caller: SimulatedCaller, gw: FakeVoiceGateway) -> None:
+        await caller.dial()
+        await caller.connect()
+        await caller.wait_until(lambda: caller.marks and caller.first_reply_at, timeout=3)
+        call = await rest.calls(caller.call_sid).update_async(twiml=DIAL)
+        assert call.status == "in-progress"
+        async with asyncio.timeout(3):
+            await caller.closed.wait()
+
+    try:
+        caller, _ = await run_call(playing(2000, "long"), body, account_sid=ACCOUNT_SID)
+    finally:
+        await close_rest_client(rest)
+    end = caller.ended_by_update
+    assert end is not None and end.reason == "redirect" and end.pending_marks == ["long"]
+    assert 8 * 1000 < end.unplayed_bytes <= 8 * 2000  # most of the 2 s was never heard
+    assert caller.marks[0].echoed_at is None  # Twilio echoes nothing after stop
+    call = twilio_sim.call(caller.call_sid)
+    assert (call.status, call.dial_number, call.twiml) == ("in-progress", "+5516988887777", DIAL)
+
+
+async def test_a_caller_that_hung_up_is_a_completed_call(sim, rest):
+    async def body(caller: SimulatedCaller, gw: FakeVoiceGateway) -> None:
+        await caller.dial()
+        await caller.connect()
+        await caller.hangup()
+        with pytest.raises(TwilioRestException) as excinfo:
+            await rest.calls(caller.call_sid).update_async(twiml=DIAL)
+        assert excinfo.value.code == 21220
+
+    with sim.adopting_callers():
+        caller, _ = await run_call(started, body)
+    assert sim.call(caller.call_sid).status == "completed" and caller.ended_by_update is None
+    assert sim.call_updates == []
