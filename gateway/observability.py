@@ -157,6 +157,10 @@ WHATSAPP_REPLY = Histogram(
     buckets=(0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60),
     registry=REGISTRY,
 )
+LEADS_SAVED = Counter(
+    "gateway_leads_saved_total", "Leads saved by the clone (a save that updates one counts too)",
+    ["channel"], registry=REGISTRY,
+)  # fmt: skip
 ERRORS = Counter("gateway_errors_total", "Errors by kind", ["kind"], registry=REGISTRY)
 RECONNECTS = Counter("gateway_upstream_reconnects_total", "Realtime sessions re-opened mid-call",
                      registry=REGISTRY)  # fmt: skip

@@ -46,6 +46,12 @@ _PERSON_ROWS: dict[str, tuple[str, str, str]] = {
     ),
     "media": ("m", "FROM media m WHERE m.person_id = ?", "m.created_at"),
     "usage": ("u", "FROM usage u WHERE u.person_id = ?", "u.id"),
+    "leads": ("l", "FROM leads l WHERE l.person_id = ?", "l.id"),
+    "crm_outbox": (
+        "x",
+        "FROM crm_outbox x JOIN leads l ON l.id = x.lead_id WHERE l.person_id = ?",
+        "x.id",
+    ),
     "privacy_requests": ("q", "FROM privacy_requests q WHERE q.person_id = ?", "q.id"),
 }
 
@@ -143,7 +149,7 @@ class LifecycleQueries:
                 for key, value in row.items():
                     if isinstance(value, bytes):
                         row[key] = base64.b64encode(value).decode("ascii")
-                    elif key in ("payload", "media_ids") and isinstance(value, str):
+                    elif key in ("payload", "media_ids", "body") and isinstance(value, str):
                         row[key] = json.loads(value)
             export[table] = rows
         return export
@@ -164,6 +170,7 @@ class LifecycleQueries:
                 (_now(), person_id),
             )
             await self._db.execute("DELETE FROM media WHERE person_id = ?", (person_id,))
-            await self._db.execute("DELETE FROM people WHERE id = ?", (person_id,))  # cascades
+            # cascades: conversations, turns, queue, replies, usage, leads and their outbox
+            await self._db.execute("DELETE FROM people WHERE id = ?", (person_id,))
         counts["privacy_requests"] = 0  # kept as anonymous audit lines
         return counts

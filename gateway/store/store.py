@@ -14,6 +14,7 @@ import aiosqlite
 
 from gateway.phones import normalize_number
 from gateway.store.connection import Connection
+from gateway.store.leads import LeadQueries
 from gateway.store.lifecycle import LifecycleQueries
 from gateway.store.migrations import migrate
 
@@ -61,7 +62,7 @@ class InboundMessage:
     received_at: str = ""
 
 
-class Store(LifecycleQueries):
+class Store(LifecycleQueries, LeadQueries):
     """One aiosqlite connection in WAL mode; a single writer process (see README).
 
     Every write of several statements runs in `transaction()`, which no other task's
