@@ -16,7 +16,7 @@ from gateway.auth import COOKIE
 from gateway.dashboard import DATA_URL
 from gateway.dashboard.snapshot import histogram, summary
 from gateway.stats import percentile
-from gateway.store import Store
+from gateway.store import Lead, Store
 from gateway.store.reports import latency_samples, recent_people
 from simulators.caller import SimulatedCaller
 from simulators.realtime import RealtimeSimConfig
@@ -303,3 +303,31 @@ async def test_a_person_sees_the_call_transcript_and_percentiles_in_chromium(gat
     assert p50 is not None and int(p50[1]) > 0
     assert "<rect" in visible  # the histogram was drawn
     assert "openai · gpt-realtime-2.1 · cedar" in visible  # which engine and voice speak
+
+
+@pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None,
+    reason=f"{CHROMIUM} missing: apt-get install -y chromium (CI installs it in .ci/run)",
+)
+async def test_a_person_sees_the_leads_as_text_in_chromium(gateway, tmp_path):
+    store = gateway.runtime.store
+    person = await store.person_for(CALLER)
+    conversation = await store.start_conversation(person.id, "call")
+    lead = Lead(EVIL_NAME, "real_estate", city=EVIL_TEXT)
+    await store.save_lead(person.id, conversation, lead, channel="call")
+    dom = await chromium(
+        "--virtual-time-budget=4000",
+        "--dump-dom",
+        f"{gateway.url}/?token={ADMIN}",
+        user_data=tmp_path / "chromium",
+    )
+    assert CALLER not in dom and "<img" not in dom and "<script>alert(1)" not in dom
+    visible = re.sub(r"\s+", " ", re.sub(r"<script\b.*?</script>", "", dom, flags=re.S))
+    row = re.search(r'<section id="leads".*?<tbody><tr>(.*?)</tr>', visible)
+    assert row is not None
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row[1])
+    assert cells[1:] == [
+        '&lt;img src=x onerror="alert(2)"&gt;', MASKED, "Imobiliário",
+        "&lt;script&gt;alert(1)&lt;/script&gt;", "Chamada", "sem CRM",
+    ]  # fmt: skip
+    assert "CRM não configurado" in visible and "/admin/leads.csv" in visible

@@ -114,6 +114,7 @@ p.alert { color: var(--bad); font-weight: 600; }
   <section id="health"><h2>Saúde</h2><div class="body"></div></section>
   <section id="latency"><h2>Latência (turnos recentes)</h2><div class="body"></div></section>
   <section id="limits" class="wide"><h2>Limites e alertas</h2><div class="body"></div></section>
+  <section id="leads" class="wide"><h2>Leads</h2><div class="body"></div></section>
   <section id="calls" class="wide"><h2>Chamadas ao vivo</h2><div class="body"></div></section>
   <section id="people" class="wide"><h2>Conversas recentes</h2><div class="body"></div></section>
 </main>
@@ -126,6 +127,11 @@ p.alert { color: var(--bad); font-weight: 600; }
   const SVG = "http://www.w3.org/2000/svg";
   const ROLES = { user: "Pessoa", assistant: "Clone", dtmf: "Tecla", system: "Sistema" };
   const CHANNELS = { call: "Chamada", whatsapp: "WhatsApp" };
+  const INTERESTS = { advertising: "Publicidade", digital_marketing: "Marketing digital",
+                      ai: "IA", real_estate: "Imobiliário", agribusiness: "Agronegócio",
+                      other: "Outro" };
+  const CRM_STATES = { delivered: "entregue", pending: "na fila", retrying: "tentando de novo",
+                       failed: "não entregue", not_queued: "sem CRM" };
   const opened = new Map();  // conversation id -> open?, as the person left it
   const shown = {};          // section -> JSON last drawn, to leave unchanged ones alone
 
@@ -205,6 +211,28 @@ p.alert { color: var(--bad); font-weight: 600; }
       lim.alerts.map((a) => [[when(a.at)], [a.number], [CHANNELS[a.channel] ?? a.channel],
                              [usd(a.spent_usd), N]]));
     return h("div", {}, [set, h("p", { class: "alert" }, "Orçamento diário atingido:"), alerts]);
+  }
+
+  function renderLeads(ld) {
+    const outbox = h("p", {}, [
+      ld.crm ? "CRM ligado"
+             : "CRM não configurado (CRM_WEBHOOK_URL): os leads ficam aqui e no CSV",
+      ` · na fila para o CRM: ${ld.pending}`,
+      ld.failed ? h("span", { class: "bad" }, ` · não entregues (desistiu): ${ld.failed}`) : null,
+    ]);
+    const csv = h("p", { class: "caption" },
+                  ["Todos os leads: ", h("code", {}, "/admin/leads.csv")]);
+    if (!ld.latest.length) {
+      return h("div", {}, [outbox, h("p", { class: "empty" }, "Nenhum lead ainda."), csv]);
+    }
+    const leads = table(
+      [["Quando"], ["Nome"], ["Número"], ["Interesse"], ["Cidade"], ["Canal"], ["CRM"]],
+      ld.latest.map((l) => [[when(l.updated_at)], [l.name], [l.number],
+                            [INTERESTS[l.interest] ?? l.interest], [l.city ?? "—"],
+                            [CHANNELS[l.channel] ?? l.channel],
+                            [CRM_STATES[l.crm_status] ?? l.crm_status,
+                             l.crm_status === "failed" ? "bad" : null]]));
+    return h("div", {}, [outbox, leads, csv]);
   }
 
   function renderCalls(calls) {
@@ -305,6 +333,7 @@ p.alert { color: var(--bad); font-weight: 600; }
     draw("health", snap.health, renderHealth);
     draw("latency", snap.latency, renderLatency);
     draw("limits", snap.limits, renderLimits);
+    draw("leads", snap.leads, renderLeads);
     draw("calls", snap.live_calls, renderCalls);
     draw("people", snap.people, renderPeople);
   }

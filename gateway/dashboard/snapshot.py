@@ -1,4 +1,5 @@
-"""What the dashboard shows, as one JSON-ready dict: health, live calls, latency, people.
+"""What the dashboard shows, as one JSON-ready dict: health, live calls, latency, people,
+leads.
 
 Built fresh on every poll from the running gateway and the store. Phone numbers leave here
 masked; everything else a caller said is passed as text, and the page only ever puts it in
@@ -18,7 +19,8 @@ from gateway.health import health_report
 from gateway.phones import mask_number
 from gateway.runtime import RUNTIME, Runtime
 from gateway.stats import percentile
-from gateway.store import Store, utcnow
+from gateway.store import LeadRow, Store, utcnow
+from gateway.store.leads import OutboxCounts
 from gateway.store.reports import (
     ConversationReport,
     LatencySamples,
@@ -31,6 +33,7 @@ from gateway.store.reports import (
 # land: VAD silence (~500 ms) plus the upstream's first audio (~300-700 ms).
 HISTOGRAM_EDGES_MS = (0, 200, 400, 500, 600, 700, 800, 900, 1000, 1200, 1400, 1700, 2000, 3000)
 PERCENTILES = (50, 95, 99)
+LATEST_LEADS = 20
 
 
 async def build(app: web.Application) -> dict[str, Any]:
@@ -39,9 +42,12 @@ async def build(app: web.Application) -> dict[str, Any]:
     store_ok = store is not None and await store.ping()
     people: list[PersonReport] = []
     samples = LatencySamples([], [], [])
+    lead_rows: list[LeadRow] = []
+    outbox = OutboxCounts(0, 0, 0)
     if store_ok:
         assert store is not None
         people, samples = await _from_store(store)
+        lead_rows, outbox = await store.leads(LATEST_LEADS), await store.crm_outbox_counts()
     registry = app.get(REGISTRY)
     calls = registry.snapshot() if registry is not None else []
     return {
@@ -51,6 +57,29 @@ async def build(app: web.Application) -> dict[str, Any]:
         "latency": latency(samples),
         "people": [person(p) for p in people],
         "limits": limits(rt),
+        "leads": leads(rt, lead_rows, outbox),
+    }
+
+
+def leads(rt: Runtime, rows: list[LeadRow], outbox: OutboxCounts) -> dict[str, Any]:
+    """The latest leads (numbers masked) and the CRM outbox: still being tried, given up."""
+    return {
+        "crm": rt.settings.crm_webhook_url is not None,
+        "pending": outbox.pending,
+        "failed": outbox.failed,
+        "latest": [
+            {
+                "id": r.id,
+                "number": mask_number(r.phone),
+                "name": r.name,
+                "interest": r.interest,
+                "city": r.city,
+                "channel": r.channel,
+                "updated_at": r.updated_at,
+                "crm_status": r.crm_status,
+            }
+            for r in rows
+        ],
     }
 
 
