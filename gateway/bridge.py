@@ -30,21 +30,26 @@ log = logging.getLogger(__name__)
 TRANSCRIPTION = {"model": "gpt-transcribe", "language": "pt"}
 
 
-def call_session(settings: Settings, voice: str, instructions: str) -> dict[str, Any]:
+def call_session(
+    settings: Settings, voice: str, instructions: str, tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Phone calls: mu-law both ways (no transcoding), server VAD, far-field noise reduction."""
     return _session(settings, voice, instructions, {"type": "audio/pcmu"}, "far_field",
-                    turn_detection(settings))  # fmt: skip
+                    turn_detection(settings), tools)  # fmt: skip
 
 
-def voice_note_session(settings: Settings, voice: str, instructions: str) -> dict[str, Any]:
+def voice_note_session(
+    settings: Settings, voice: str, instructions: str, tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """WhatsApp: PCM16 24 kHz both ways, manual turns (each message is one whole turn)."""
     return _session(settings, voice, instructions, {"type": "audio/pcm", "rate": 24000},
-                    "near_field", None)  # fmt: skip
+                    "near_field", None, tools)  # fmt: skip
 
 
 def _session(settings: Settings, voice: str, instructions: str, audio_format: dict[str, Any],
-             noise: str, turns: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    return {
+             noise: str, turns: dict[str, Any] | None,
+             tools: list[dict[str, Any]] | None) -> dict[str, Any]:  # fmt: skip
+    session: dict[str, Any] = {
         "type": "realtime",
         "model": settings.realtime_model,
         "instructions": instructions,
@@ -59,6 +64,10 @@ def _session(settings: Settings, voice: str, instructions: str, audio_format: di
             "output": {"format": audio_format, "voice": voice_param(voice)},
         },
     }
+    if tools:
+        session["tools"] = tools
+        session["tool_choice"] = "auto"
+    return session
 
 
 def voice_param(voice: str) -> str | dict[str, str]:

@@ -36,6 +36,8 @@ from typing import Any
 import orjson
 
 from gateway.bridge import LinkPolicy
+from gateway.tool_flow import AfterPlayback, ToolFlow
+from gateway.tools import ToolCall
 from gateway.transcode import FRAME_BYTES, MULAW_BYTES_PER_MS, FrameChunker
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,20 @@ class UpstreamError:
     message: str
 
 
+@dataclass(slots=True)
+class RunTool:
+    """The model called a function: carry it out, then hand `tool_finished` its output."""
+
+    call: ToolCall
+
+
+@dataclass(slots=True)
+class ActOnCall:
+    """The model's last sentence has played: hang up or transfer the call (Twilio REST)."""
+
+    after: AfterPlayback
+
+
 Action = (
     SendTwilio
     | SendRealtime
@@ -146,6 +162,8 @@ Action = (
     | RecordTurn
     | RecordUsage
     | UpstreamError
+    | RunTool
+    | ActOnCall
 )
 
 
@@ -286,6 +304,7 @@ class CallState:
         self._ending_deadline = 0.0
         self._awaiting_commit = False  # speech stopped: a committed item and its words follow
         self._untranscribed: set[str] = set()  # committed caller items without their words yet
+        self.tools = ToolFlow()
 
     @property
     def ended(self) -> bool:
@@ -375,7 +394,7 @@ class CallState:
                 finished += self._maybe_record(item)
             # The next queued chunk starts playing as this one ends.
             self._playing_since = now if self._marks else None
-        return finished
+        return finished + self._act_if_due()
 
     # Realtime side
     def on_realtime(self, event: Any, now: float) -> list[Action]:
@@ -416,6 +435,7 @@ class CallState:
 
     def _on_response_created(self, event: dict[str, Any], now: float) -> list[Action]:
         self._active_response = _text(_obj(event, "response"), "id")
+        self.tools.on_response_created(self._active_response)
         self._owed.discard("response")
         self._owe("done", now)
         return []
@@ -426,13 +446,39 @@ class CallState:
         rid = _text(response, "id", required=False) or None
         if rid == self._active_response:
             self._active_response = None
+        actions = self._send_all(self.tools.on_response_done(rid), now) + self._act_if_due()
         usage = response.get("usage")
         if not usage:
-            return []
+            return actions
         if not isinstance(usage, dict):
             raise _Bad("response.usage is not an object")
         audio = sum(i.received for i in self._items.values() if i.response_id == rid)
-        return [RecordUsage(rid, usage, audio // MULAW_BYTES_PER_MS)]
+        return [RecordUsage(rid, usage, audio // MULAW_BYTES_PER_MS), *actions]
+
+    def _on_function_call(self, event: dict[str, Any], now: float) -> list[Action]:
+        call = self.tools.on_arguments_done(event)
+        if call is None:
+            raise _Bad("no usable call_id, name and response_id")
+        return [RunTool(call)]
+
+    def tool_finished(
+        self, call_id: str, output: str, now: float, after: AfterPlayback | None = None
+    ) -> list[Action]:
+        """A tool the model called is done: its output goes back, and the model answers."""
+        if self.ended or self.upstream is not _LIVE:
+            return []
+        return self._send_all(self.tools.finished(call_id, output, after), now)
+
+    def _send_all(self, events: list[dict[str, Any]], now: float) -> list[Action]:
+        if any(e["type"] == "response.create" for e in events):
+            self._owe("response", now)
+        return [SendRealtime(e) for e in events]
+
+    def _act_if_due(self) -> list[Action]:
+        if self.ended:
+            return []
+        after = self.tools.due(playback_pending=bool(self._marks or self._pre_start))
+        return [ActOnCall(after)] if after is not None else []
 
     def _on_audio_delta(self, event: dict[str, Any], now: float) -> list[Action]:
         self._owed.discard("response")  # it is streaming, whatever response.created said
@@ -602,7 +648,7 @@ class CallState:
         if greeting is not None and self.greeting_due:
             self._owe("response", now)
             return [SendRealtime(greeting)]
-        return []
+        return self._act_if_due()
 
     @property
     def greeting_due(self) -> bool:
@@ -789,6 +835,7 @@ class CallState:
         self.caller_speaking = False
         self._chunker.reset()
         self._superseded.update(i.response_id for i in self._items.values())
+        self.tools.session_replaced()
 
     @property
     def playback_pending(self) -> bool:
@@ -801,7 +848,9 @@ class CallState:
     @property
     def quiet(self) -> bool:
         """Nobody is talking: a moment to swap the upstream session unheard."""
-        return not (self.caller_speaking or self._active_response or self._marks)
+        return not (
+            self.caller_speaking or self._active_response or self._marks or self.tools.waiting
+        )
 
 
 _APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":'
@@ -844,6 +893,7 @@ _REALTIME_HANDLERS = {
     "conversation.item.input_audio_transcription.failed": CallState._on_transcription_failed,
     "input_audio_buffer.speech_started": CallState._on_speech_started,
     "input_audio_buffer.speech_stopped": CallState._on_speech_stopped,
+    "response.function_call_arguments.done": CallState._on_function_call,
     "error": CallState._on_error,
 }
 # Once the phone is closed only the words still owed matter.

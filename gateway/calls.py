@@ -31,6 +31,7 @@ from gateway.bridge import (
 )
 from gateway.call_state import (
     Action,
+    ActOnCall,
     CallState,
     CloseUpstream,
     EndCall,
@@ -39,6 +40,7 @@ from gateway.call_state import (
     ProtocolError,
     RecordTurn,
     RecordUsage,
+    RunTool,
     SendRealtime,
     SendRealtimeRaw,
     SendTwilio,
@@ -63,6 +65,9 @@ from gateway.phones import normalize_number
 from gateway.privacy import note_erasure_request
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Erased, Person
+from gateway.tool_flow import AfterPlayback
+from gateway.tool_runner import ToolContext, ToolRunner
+from gateway.tools import ToolCall
 from gateway.twilio_api import signature_refused
 from gateway.twilio_fields import BadFields, check_voice_call
 from gateway.usage import token_counts
@@ -112,6 +117,8 @@ class LiveCall:
         self.person = person
         self.conversation_id = conversation_id
         self.clock = clock
+        self.called: str | None = None  # our number the caller dialled (E.164)
+        self.tools = ToolRunner(rt)
         self.policy = LinkPolicy.from_settings(rt.settings)
         self.state = CallState(policy=self.policy)
         self.state.call_sid = call_sid
@@ -174,7 +181,12 @@ class LiveCall:
             session = await RealtimeSession.open(
                 self.rt.openai,
                 self.rt.settings.realtime_model,
-                call_session(self.rt.settings, self.rt.voice, instructions),
+                call_session(
+                    self.rt.settings,
+                    self.rt.voice,
+                    instructions,
+                    self.tools.definitions("call", self.person),
+                ),
                 self.policy,
             )
         except Exception as err:
@@ -266,6 +278,10 @@ class LiveCall:
                 self._spawn(self._close_phone())
             elif isinstance(action, CloseUpstream):
                 self._close_upstream()
+            elif isinstance(action, RunTool):
+                self._spawn(self._run_tool(action.call))
+            elif isinstance(action, ActOnCall):
+                self._spawn(self._act_on_call(action.after))
         if not self._greeting_observed and self.state.greeting_ms is not None:
             self._greeting_observed = True
             GREETING.observe(self.state.greeting_ms / 1000)
@@ -441,9 +457,45 @@ class LiveCall:
             log.error("%s: background work failed: %s: %s", self.log_id, type(err).__name__, err)
 
     async def drain(self) -> None:
-        """Wait for pending store writes (shutdown and tests)."""
+        """Wait for pending store writes and tools (shutdown and tests)."""
         while pending := [t for t in self._tasks if t is not asyncio.current_task()]:
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.tools.close()
+
+    # tools
+    async def _run_tool(self, call: ToolCall) -> None:
+        ctx = ToolContext(
+            surface="call",
+            person=self.person,
+            conversation_id=self.conversation_id,
+            log_id=self.log_id,
+            our_number=self.called,
+            recent=list(self.state.transcript),
+        )
+        outcome = await self.tools.run(call, ctx)
+        await self.perform(
+            self.state.tool_finished(call.call_id, outcome.output, self.clock(), outcome.after)
+        )
+
+    async def _act_on_call(self, after: AfterPlayback) -> None:
+        """The model's last sentence has played: Twilio moves the call on (REST), which ends
+        this stream with a `stop`."""
+        calls = self.rt.twilio.calls(self.call_sid)
+        try:
+            if after.kind == "transfer":
+                response = VoiceResponse()
+                response.dial(after.number)
+                await calls.update_async(twiml=str(response))
+            else:
+                await calls.update_async(status="completed")
+        except Exception as err:
+            ERRORS.labels("call_update_failed").inc()
+            log.error(
+                "%s: Twilio did not take the %s: %s: %s",
+                self.log_id, after.kind, type(err).__name__, err,
+            )  # fmt: skip
+            return
+        log.info("%s: %s asked of Twilio", self.log_id, after.kind)
 
 
 class CallRegistry:
@@ -587,6 +639,7 @@ async def voice_webhook(request: web.Request) -> web.Response:
         if (problem := registry.capacity_problem()) is not None:
             return _at_capacity(rt, problem)
         call = LiveCall(rt, call_sid, None, None)
+        call.called = _number_or_none(str(form.get("To", "")))
         token = registry.park(call)  # before any await: a repeat now finds it parked
         if not await _answer(rt, registry, call, caller):
             return _say_and_hang_up(rt, "over_budget_say")
@@ -654,6 +707,13 @@ def _say_and_hang_up(rt: Runtime, message: str) -> web.Response:
 
 def _xml(twiml: str) -> web.Response:
     return web.Response(text=twiml, content_type="text/xml")
+
+
+def _number_or_none(number: str) -> str | None:
+    try:
+        return normalize_number(number)
+    except ValueError:
+        return None
 
 
 async def _person(rt: Runtime, caller: str, call_sid: str) -> Person | None:

@@ -506,7 +506,7 @@ class WhatsAppChannel:
         if person is None:  # erased (data deletion) between accept and now
             raise GiveUp("the person no longer exists")
         assert self.sessions is not None
-        voice = await self.sessions.reply(person, turn, inbound.message_sid)
+        voice = await self.sessions.reply(person, turn, inbound.message_sid, inbound.recipient)
         await note_erasure_request(self.rt.store, person, "whatsapp", voice.user_text)
         return voice
 

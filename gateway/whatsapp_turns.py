@@ -35,6 +35,9 @@ from gateway.memory import instructions_for, load_memory_marked, news_since
 from gateway.persona import Channel, MemoryContext, greeting_instruction
 from gateway.runtime import Runtime
 from gateway.store import Erased, Person
+from gateway.tool_flow import MAX_ROUNDS, ToolFlow
+from gateway.tool_runner import ToolContext, ToolRunner
+from gateway.tools import ToolCall
 from gateway.transcode import PCM24K_BYTES_PER_MS, OpusEncoder
 from gateway.usage import token_counts
 
@@ -185,6 +188,8 @@ class ReplyCollector:
         self.error: str | None = None
         self.protocol_errors = 0
         self._created_unusable = False  # response.created came without a usable id
+        self.tools: ToolFlow | None = None  # set when the session offers tools
+        self.tool_calls: list[ToolCall] = []
 
     @property
     def finished(self) -> bool:
@@ -258,6 +263,8 @@ class ReplyCollector:
             self.response_id = response["id"]
         if response.get("id") != self.response_id:
             return
+        if self.tools is not None:
+            self.tools.on_response_done(self.response_id)  # its calls may now be answered
         self.status = str(response.get("status") or "failed")
         usage = response.get("usage")
         self.usage = usage if isinstance(usage, dict) else None
@@ -265,6 +272,22 @@ class ReplyCollector:
             details = response.get("status_details") or {}
             problem = details.get("error") or {}
             self.error = f"response {self.status}: {problem.get('message') or details}"
+
+    def next_response(self) -> ReplyCollector:
+        """A collector for the response that answers this one's tool calls: same audio sink,
+        same tools, and the person's own words (their transcript may still be on its way)."""
+        following = ReplyCollector(self.on_audio, wants_user_transcript=False)
+        following.tools = self.tools
+        following.user_item_id = self.user_item_id
+        following.user_transcript = self.user_transcript
+        following.user_transcript_settled = self.user_transcript_settled
+        return following
+
+    def _on_response_function_call_arguments_done(self, event: dict[str, Any]) -> None:
+        if self.tools is not None and self._ours(event):
+            call = self.tools.on_arguments_done(event)
+            if call is not None:
+                self.tool_calls.append(call)
 
     def _on_error(self, event: dict[str, Any]) -> None:
         err = event.get("error") or {}
@@ -286,6 +309,7 @@ class _Warm:
     idle_timer: asyncio.TimerHandle | None = None
     forgotten: bool = False  # the person was erased: never reopened, nothing written
     mark: int = 0  # the newest turn id the session knows of; later ones elsewhere are news
+    our_number: str | None = None  # the number the person wrote to ("whatsapp:+55...")
 
     @property
     def usable(self) -> bool:
@@ -301,9 +325,13 @@ class WarmSessions:
         self.policy = LinkPolicy.from_settings(rt.settings)
         self._warm: dict[int, _Warm] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.tools = ToolRunner(rt)
 
-    async def reply(self, person: Person, turn: TurnInput, log_id: str) -> VoiceReply:
-        """Answer one message in the person's warm session (opened or reopened as needed)."""
+    async def reply(
+        self, person: Person, turn: TurnInput, log_id: str, our_number: str | None = None
+    ) -> VoiceReply:
+        """Answer one message in the person's warm session (opened or reopened as needed);
+        `our_number` is the WhatsApp number the person wrote to (a hand-off writes from it)."""
         if self.rt.holders.erased(person.id):
             raise PersonErased(f"person {person.id} was erased")
         warm = self._warm.setdefault(person.id, _Warm(person))
@@ -312,7 +340,7 @@ class WarmSessions:
             warm.idle_timer.cancel()
         try:
             async with warm.lock:
-                warm.person = person
+                warm.person, warm.our_number = person, our_number
                 return await self._reply_with_reconnect(warm, turn, log_id)
         finally:
             warm.users -= 1
@@ -334,6 +362,7 @@ class WarmSessions:
         self._warm.clear()
         await asyncio.gather(*(self._close(w) for w in warms), return_exceptions=True)
         await asyncio.gather(*self._closing, return_exceptions=True)
+        await self.tools.close()
 
     # turns
     async def _reply_with_reconnect(self, warm: _Warm, turn: TurnInput, log_id: str) -> VoiceReply:
@@ -372,7 +401,9 @@ class WarmSessions:
         warm.session = await RealtimeSession.open(
             rt.openai,
             settings.realtime_model,
-            voice_note_session(settings, rt.voice, instructions),
+            voice_note_session(
+                settings, rt.voice, instructions, self.tools.definitions("whatsapp", warm.person)
+            ),
             self.policy,
         )
         warm.channel, warm.responses = channel, 0
@@ -389,8 +420,10 @@ class WarmSessions:
         encoder = BackgroundEncoder()
         is_audio = isinstance(turn, AudioInput)
         collector = ReplyCollector(encoder.push, wants_user_transcript=is_audio)
+        collector.tools = ToolFlow()
         try:
             await self._collect(session, collector)
+            collector = await self._tool_rounds(warm, session, collector, turn, log_id)
         except BaseException:
             encoder.cancel()
             raise
@@ -405,6 +438,48 @@ class WarmSessions:
         )
         await self._record_usage(warm, collector, reply.audio_ms)
         return reply
+
+    async def _tool_rounds(
+        self,
+        warm: _Warm,
+        session: RealtimeSession,
+        collector: ReplyCollector,
+        turn: TurnInput,
+        log_id: str,
+    ) -> ReplyCollector:
+        """The model called tools: carry them out, hand back their outputs, and collect the
+        reply that follows (its audio joins the same voice note, its words the same text)."""
+        flow, spoken = collector.tools, [collector.reply_text]
+        for _ in range(MAX_ROUNDS):
+            if flow is None or not collector.tool_calls:
+                break
+            ctx = self._tool_context(warm, turn, collector, log_id)
+            for call in collector.tool_calls:
+                outcome = await self.tools.run(call, ctx)
+                for event in flow.finished(call.call_id, outcome.output):
+                    await session.send(event)
+            await self._record_usage(warm, collector, 0)
+            collector = collector.next_response()
+            await self._collect(session, collector)
+            spoken.append(collector.reply_text)
+        collector.transcript = " ".join(t for t in spoken if t)
+        return collector
+
+    def _tool_context(
+        self, warm: _Warm, turn: TurnInput, collector: ReplyCollector, log_id: str
+    ) -> ToolContext:
+        recent = [(t.role, t.text) for t in (warm.memory.turns if warm.memory else [])]
+        said = turn.text if isinstance(turn, TextInput) else collector.user_transcript
+        if said:
+            recent.append(("user", said))
+        return ToolContext(
+            surface="whatsapp",
+            person=warm.person,
+            conversation_id=warm.conversation_id,
+            log_id=f"whatsapp {log_id}",
+            our_number=(warm.our_number or "").removeprefix("whatsapp:") or None,
+            recent=recent,
+        )
 
     async def _catch_up(self, warm: _Warm, session: RealtimeSession) -> None:
         """A call (or anything else) since the session opened: the model hears of it first."""
@@ -538,3 +613,48 @@ def _should_greet(memory: MemoryContext | None) -> bool:
     last = max(turn.at for turn in memory.turns)
     now = datetime.now(last.tzinfo) if last.tzinfo else datetime.now()
     return now - last > GREET_AFTER
+
+
+async def read_aloud(rt: Runtime, person: Person, text: str, instruction: str) -> list[bytes]:
+    """`text` in the persona's voice, as voice notes: a short session of its own that only
+    reads (no memory, no conversation, no tools), closed at once; its cost is the person's."""
+    settings = rt.settings
+    session = await RealtimeSession.open(
+        rt.openai,
+        settings.realtime_model,
+        voice_note_session(settings, rt.voice, instruction),
+        LinkPolicy.from_settings(settings),
+    )
+    encoder = BackgroundEncoder()
+    try:
+        item = {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        }
+        await session.send({"type": "conversation.item.create", "item": item})
+        await session.send(
+            {"type": "response.create", "response": {"output_modalities": ["audio"]}}
+        )
+        collector = ReplyCollector(encoder.push, wants_user_transcript=False)
+        async with asyncio.timeout(TURN_TIMEOUT_S):
+            while not collector.finished:
+                collector.on_event(await session.recv())
+        if collector.error is not None:
+            raise TurnFailed(collector.error)
+        notes = await encoder.finish()
+    except BaseException:
+        encoder.cancel()
+        raise
+    finally:
+        await session.close()
+    with contextlib.suppress(Erased):
+        await rt.store.add_usage(
+            person.id,
+            None,
+            collector.response_id,
+            **token_counts(collector.usage or {}),
+            audio_seconds=encoder.duration_ms / 1000,
+            model=settings.realtime_model,
+        )
+    return notes

@@ -86,6 +86,36 @@ PROMPT_FIELDS: dict[str, set[str]] = {
     "clipped": set(),
 }
 CHANNEL_GREETING_FIELDS = {"greeting"}
+# tools.toml: the texts the model reads about each tool (the names are the code's contract).
+_NONE: frozenset[str] = frozenset()
+TOOL_TEXT_FIELDS: dict[str, dict[str, frozenset[str]]] = {
+    "descriptions": dict.fromkeys(
+        ("save_lead", "transfer_to_human", "end_call", "send_whatsapp"), _NONE
+    ),
+    "parameters": dict.fromkeys(
+        ("name", "interest", "company", "city", "budget", "timeline", "notes", "reason", "text"),
+        _NONE,
+    ),
+    "results": {
+        **dict.fromkeys(
+            (
+                "lead_saved",
+                "lead_failed",
+                "transfer_call",
+                "transfer_whatsapp",
+                "transfer_failed",
+                "end_call",
+                "whatsapp_sent",
+                "whatsapp_failed",
+                "unavailable",
+                "read_aloud",
+            ),
+            _NONE,
+        ),
+        "bad_arguments": frozenset({"problem"}),
+        "handoff_summary": frozenset({"channel", "name", "phone", "reason", "recent"}),
+    },
+}
 
 # A bare name selects a directory under PERSONAS_ROOT; restricting it keeps "../x" a path.
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -122,7 +152,16 @@ def load_persona(name: str | os.PathLike[str] = "endrigo", root: Path | None = N
         tz=_offset(fields["utc_offset"]),
         source=directory,
         summarizer=_read_layer(directory, "summary"),
+        tools=_tool_texts(_read_toml(directory / "tools.toml")),
     )
+
+
+def _tool_texts(data: dict[str, Any]) -> dict[str, dict[str, str]]:
+    out = {}
+    for table, fields in TOOL_TEXT_FIELDS.items():
+        values, where = _table(data, table, "tools.toml"), f"tools.toml [{table}]"
+        out[table] = {key: _template(values, key, where, set(f)) for key, f in fields.items()}
+    return out
 
 
 def _messages(meta: dict[str, Any]) -> dict[str, str]:

@@ -12,7 +12,7 @@ take a few more real tokens per character than English, so leave the model's con
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Literal, get_args
@@ -52,6 +52,7 @@ class Persona:
     tz: tzinfo  # local time for the dates shown in the history
     source: Path  # directory it was loaded from, for logs and errors
     summarizer: str = ""  # instructions for the text model that keeps the rolling summary
+    tools: dict[str, dict[str, str]] = field(default_factory=dict)  # tools.toml's tables
 
 
 @dataclass
