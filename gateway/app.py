@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway import admin, background, calls, dashboard, whatsapp
+from gateway.crm import CrmOutbox
 from gateway.health import health
 from gateway.observability import collector_tuned, loop_lag_watched, metrics
 from gateway.persona import load_persona
@@ -30,7 +31,7 @@ def create_app(settings: Settings) -> web.Application:
         settings, persona=load_persona(settings.persona), prices=_prices(settings)
     )
     app[RUNTIME].holders.register(app[RUNTIME].limits)
-    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx, _crm_ctx])
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     calls.setup(app, settings.call_claim_timeout_s)
@@ -132,6 +133,23 @@ async def _summaries_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     async with background.running("summarizer", rt.summarizer.run()):
         yield
+
+
+async def _crm_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With CRM_WEBHOOK_URL, each lead save is queued and this worker sends it; without,
+    nothing is queued (rows queued while a CRM was set wait for one to be set again)."""
+    rt = app[RUNTIME]
+    s = rt.settings
+    if s.crm_webhook_url is None or s.crm_webhook_secret is None:
+        yield
+        return
+    rt.store.leads_to_crm = True
+    rt.crm = CrmOutbox(rt.store, s.crm_webhook_url, s.crm_webhook_secret, retry_s=s.crm_retry_s)
+    try:
+        async with background.running("crm-outbox", rt.crm.run()):
+            yield
+    finally:
+        rt.crm = None
 
 
 async def _process_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -161,6 +161,17 @@ LEADS_SAVED = Counter(
     "gateway_leads_saved_total", "Leads saved by the clone (a save that updates one counts too)",
     ["channel"], registry=REGISTRY,
 )  # fmt: skip
+CRM_DELIVERIES = Counter(
+    "gateway_crm_deliveries_total",
+    "Tries to hand a lead to the CRM webhook: delivered, retry (will be tried again), "
+    "failed (given up)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+CRM_OUTBOX_PENDING = Gauge(
+    "gateway_crm_outbox_pending", "Lead saves not yet taken by the CRM and still being tried",
+    registry=REGISTRY,
+)  # fmt: skip
 ERRORS = Counter("gateway_errors_total", "Errors by kind", ["kind"], registry=REGISTRY)
 RECONNECTS = Counter("gateway_upstream_reconnects_total", "Realtime sessions re-opened mid-call",
                      registry=REGISTRY)  # fmt: skip

@@ -18,6 +18,7 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
+    from gateway.crm import CrmOutbox
     from gateway.persona import Persona
     from gateway.store import Store
     from gateway.summaries import Summarizer
@@ -38,6 +39,7 @@ class Runtime:
     store: Store | None = None
     prices: dict[str, Prices] = field(default_factory=dict)
     summarizer: Summarizer | None = None
+    crm: CrmOutbox | None = None  # sends leads to CRM_WEBHOOK_URL; None without one
     holders: MemoryHolders = field(default_factory=MemoryHolders)  # told at erasure
     openai: AsyncOpenAI | None = None
     twilio: Any = None  # twilio.rest.Client with the async HTTP client
