@@ -157,6 +157,10 @@ WHATSAPP_REPLY = Histogram(
     buckets=(0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60),
     registry=REGISTRY,
 )
+TOOL_CALLS = Counter(
+    "gateway_tool_calls_total", "Tools the model called, by outcome", ["tool", "outcome"],
+    registry=REGISTRY,
+)  # fmt: skip
 LEADS_SAVED = Counter(
     "gateway_leads_saved_total", "Leads saved by the clone (a save that updates one counts too)",
     ["channel"], registry=REGISTRY,

@@ -12,10 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import Counter
-
 from gateway import media
-from gateway.observability import ERRORS, REGISTRY
+from gateway.observability import ERRORS, TOOL_CALLS
 from gateway.phones import mask_number
 from gateway.runtime import Runtime
 from gateway.store import Erased, Person
@@ -36,12 +34,6 @@ from gateway.tools import (
 
 log = logging.getLogger(__name__)
 
-TOOL_CALLS = Counter(
-    "gateway_tool_calls_total",
-    "Tools the model called, by outcome",
-    ["tool", "outcome"],
-    registry=REGISTRY,
-)
 
 RECENT_TURNS = 6  # lines of the conversation in a hand-off summary
 CHANNEL_NAMES = {"call": "ligação", "whatsapp": "WhatsApp"}
@@ -63,6 +55,7 @@ class ToolContext:
 class ToolOutcome:
     output: str  # what the model reads
     after: AfterPlayback | None = None
+    ok: bool = True  # False: the tool could not do its job (the model was told so)
 
 
 class ToolRunner:
@@ -85,7 +78,7 @@ class ToolRunner:
             arguments = parse(call, self.offered(ctx.surface, ctx.person))
         except BadArguments as err:
             log.warning("%s: tool %s: bad arguments (%s)", ctx.log_id, call.name[:40], err)
-            TOOL_CALLS.labels(call.name[:40], "bad_arguments").inc()
+            TOOL_CALLS.labels(_known(call.name), "bad_arguments").inc()
             return ToolOutcome(self._results["bad_arguments"].format(problem=str(err)))
         try:
             outcome = await self._run(call.name, arguments, ctx)
@@ -96,8 +89,8 @@ class ToolRunner:
             ERRORS.labels("tool_failed").inc()
             TOOL_CALLS.labels(call.name, "failed").inc()
             return ToolOutcome(self._results[_FAILED[call.name]])
-        TOOL_CALLS.labels(call.name, "ok").inc()
-        log.info("%s: tool %s done", ctx.log_id, call.name)
+        TOOL_CALLS.labels(call.name, "ok" if outcome.ok else "failed").inc()
+        log.info("%s: tool %s done%s", ctx.log_id, call.name, "" if outcome.ok else " (failed)")
         return outcome
 
     async def _run(self, name: str, arguments: dict[str, str], ctx: ToolContext) -> ToolOutcome:
@@ -164,8 +157,7 @@ class ToolRunner:
             )
         except Exception as err:
             log.warning("%s: WhatsApp to %s refused: %s", ctx.log_id, mask_number(person.e164), err)
-            TOOL_CALLS.labels(SEND_WHATSAPP, "failed").inc()
-            return ToolOutcome(self._results["whatsapp_failed"])
+            return ToolOutcome(self._results["whatsapp_failed"], ok=False)
         log.info("%s: WhatsApp text sent as %s", ctx.log_id, created.sid)
         conversation_id = await self._remember(person, text)
         self._spawn(self._voice_note(person, text, ctx, conversation_id))
@@ -226,3 +218,8 @@ _FAILED = {
     END_CALL: "unavailable",
     SEND_WHATSAPP: "whatsapp_failed",
 }
+
+
+def _known(name: str) -> str:
+    """A metric label: a model may call any name; only ours are labels of their own."""
+    return name if name in _FAILED else "unknown"
