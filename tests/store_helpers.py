@@ -7,6 +7,7 @@ The product never needs these: it accepts in batches and never asks after one me
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,3 +74,13 @@ def _outcome(record: InboundRecord, wanted: tuple[str, ...]) -> str | None:
     if "retry" in wanted and (requeued or record.attempts >= 2):
         return "retry"
     return None
+
+
+def sql_rows(gateway: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a running gateway's SQLite file, read beside it on a connection of the test's
+    own (what an operator with `sqlite3` would see)."""
+    db = sqlite3.connect(gateway.runtime.settings.database_path)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from gateway.store import INTERESTS, Erased, Lead, Store
 from gateway.store.connection import Connection
 from gateway.store.migrations import available, migrate
 from tests.conftest import free_port
+from tests.store_helpers import sql_rows
 from tests.test_call_faults import eventually
 
 ADMIN = "admin-token-for-leads"
@@ -125,14 +125,11 @@ async def person_in_conversation(store: Store, number: str, channel: str = "call
 
 
 def outbox(gateway) -> list[tuple]:
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
-    try:
-        return db.execute(
-            "SELECT id, lead_id, attempts, delivered_at IS NOT NULL, last_error FROM crm_outbox "
-            "ORDER BY id"
-        ).fetchall()
-    finally:
-        db.close()
+    return sql_rows(
+        gateway,
+        "SELECT id, lead_id, attempts, delivered_at IS NOT NULL, last_error FROM crm_outbox "
+        "ORDER BY id",
+    )
 
 
 def assert_logs_safe(caplog: pytest.LogCaptureFixture, *private: str) -> None:
@@ -418,9 +415,7 @@ async def test_erasure_removes_leads_and_outbox_and_the_export_has_them(
     assert [lead.name for lead in await store.leads()] == ["Bruno"]
     [(_, lead_id, *_)] = outbox(gateway)
     assert lead_id == (await store.leads())[0].id
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
-    bodies = " ".join(r[0] for r in db.execute("SELECT body FROM crm_outbox"))
-    db.close()
+    bodies = " ".join(r[0] for r in sql_rows(gateway, "SELECT body FROM crm_outbox"))
     assert ANA not in bodies and BRUNO in bodies
 
 

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import io
 import logging
-import sqlite3
 
 import aiohttp
 import orjson
@@ -24,6 +23,7 @@ from simulators.caller import SimulatedCaller
 from simulators.realtime import RealtimeSimConfig, SimToolCall
 from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, free_port
+from tests.store_helpers import sql_rows
 from tests.test_memory import ADMIN, WAIT_S, wait_until, whatsapp_text
 
 ANA = "+5516999990001"
@@ -135,6 +135,15 @@ async def hear_the_answer(caller: SimulatedCaller, session, output) -> None:
     await caller.wait_playback_idle(quiet_s=0.3, timeout=WAIT_S)
 
 
+async def answered_tool(caller: SimulatedCaller, realtime_sim):
+    """The caller speaks; the model calls its tool, and the answer to the output is played."""
+    await speak(caller)
+    phone = phone_session(realtime_sim)
+    [output] = await outputs_of(phone)
+    await hear_the_answer(caller, phone, output)
+    return phone, output
+
+
 async def outputs_of(session, n: int = 1) -> list:
     await session.wait_for(lambda: len(session.tool_outputs) >= n, timeout=WAIT_S)
     return session.tool_outputs
@@ -146,15 +155,12 @@ def offered_names(session) -> set[str]:
 
 
 def leads_in(gateway) -> list[tuple]:
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
-    try:
-        return db.execute(
-            "SELECT p.e164, l.channel, l.name, l.interest, l.city, c.channel "
-            "FROM leads l JOIN people p ON p.id = l.person_id "
-            "LEFT JOIN conversations c ON c.id = l.conversation_id"
-        ).fetchall()
-    finally:
-        db.close()
+    return sql_rows(
+        gateway,
+        "SELECT p.e164, l.channel, l.name, l.interest, l.city, c.channel "
+        "FROM leads l JOIN people p ON p.id = l.person_id "
+        "LEFT JOIN conversations c ON c.id = l.conversation_id",
+    )
 
 
 async def leads_csv(gateway) -> list[dict]:
@@ -185,10 +191,7 @@ async def test_a_lead_said_on_a_call_is_stored_exported_and_reaches_a_crm_that_w
         gateway = await start_gateway(env)
         caller = await dial(gateway)
         async with caller:
-            await speak(caller)
-            phone = phone_session(realtime_sim)
-            [output] = await outputs_of(phone)
-            await hear_the_answer(caller, phone, output)
+            phone, output = await answered_tool(caller, realtime_sim)
             await remembered(gateway, ANSWER)  # played to its end, so kept whole
             await caller.hangup()
         assert output.name == "save_lead" and output.output == RESULTS["lead_saved"]
@@ -223,14 +226,11 @@ async def remembered(gateway, text: str) -> None:
 
 
 def caller_heard(gateway) -> list[tuple[str, str]]:
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
-    try:
-        return db.execute(
-            "SELECT t.role, t.text FROM turns t JOIN conversations c ON c.id = t.conversation_id "
-            "WHERE c.channel = 'call' AND t.role = 'assistant' ORDER BY t.id"
-        ).fetchall()
-    finally:
-        db.close()
+    return sql_rows(
+        gateway,
+        "SELECT t.role, t.text FROM turns t JOIN conversations c ON c.id = t.conversation_id "
+        "WHERE c.channel = 'call' AND t.role = 'assistant' ORDER BY t.id",
+    )
 
 
 async def test_a_lead_on_whatsapp_is_stored_and_the_reply_carries_the_answer(
@@ -395,10 +395,7 @@ async def test_bad_arguments_are_told_to_the_model_and_the_call_goes_on(
     ]
     caller = await dial(gateway)
     async with caller:
-        await speak(caller)
-        phone = phone_session(realtime_sim)
-        [output] = await outputs_of(phone)
-        await hear_the_answer(caller, phone, output)
+        _, output = await answered_tool(caller, realtime_sim)
         assert not caller.closed.is_set()
         await caller.hangup()
     assert output.output == RESULTS["bad_arguments"].format(problem="falta interest")
@@ -413,10 +410,7 @@ async def test_a_failing_tool_is_logged_with_the_call_and_spoken_naturally(
     realtime_sim.config.tool_calls = [SimToolCall("save_lead", LEAD, trigger="anotar")]
     caller = await dial(gateway, number=None)  # a withheld caller id: no person to tie it to
     async with caller:
-        await speak(caller)
-        phone = phone_session(realtime_sim)
-        [output] = await outputs_of(phone)
-        await hear_the_answer(caller, phone, output)
+        _, output = await answered_tool(caller, realtime_sim)
         await caller.hangup()
     assert output.output == RESULTS["lead_failed"]
     failed = [r.getMessage() for r in caplog.records if "tool save_lead failed" in r.getMessage()]
