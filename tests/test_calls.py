@@ -111,14 +111,20 @@ async def test_the_caller_audio_reaches_openai_untouched(gateway, realtime_sim):
         await session.wait_for(lambda: speech in bytes(session.input_audio), timeout=3)
 
 
-async def test_greeting_starts_within_first_audio_latency_plus_50_ms(
-    gateway, realtime_sim, sim_config
-):
-    caller, _ = await connected_call(gateway, realtime_sim)
+async def test_the_greeting_is_asked_for_before_the_phone_stream_starts(gateway, realtime_sim):
+    """The session is opened and the greeting requested while Twilio is still connecting the
+    stream, so the caller waits only for the model's first audio, not for our set-up too.
+    (How long that takes is measured by the load test, BENCHMARKS.md, not asserted here.)"""
+    caller = new_caller(gateway)
+    assert (await caller.dial()).status == 200
+    session = await realtime_sim.wait_for_session()
+    # No stream yet: the greeting is asked for all the same.
+    await session.wait_for(lambda: received(session, "response.create"), 5)
+    assert caller.started_at is None
+    await caller.connect()
     async with caller:
         await caller.wait_until(lambda: caller.first_reply_at is not None, 5)
-        greeting_s = caller.first_reply_at - caller.started_at
-        assert greeting_s <= sim_config.first_audio_latency_ms / 1000 + 0.05
+        assert len(received(session, "response.create")) == 1  # the one greeting, not a second
 
 
 async def test_barge_in_clears_the_phone_and_truncates_to_what_was_played(
