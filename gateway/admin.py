@@ -31,7 +31,7 @@ def setup(app: web.Application) -> None:
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json",
-                        headers={"Cache-Control": "no-store"})  # fmt: skip
+                        headers=PRIVATE_HEADERS)  # fmt: skip
 
 
 async def _person(request: web.Request) -> tuple[Runtime, Person | web.Response]:

@@ -202,7 +202,7 @@ class ToolRunner:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def close(self, timeout_s: float = 5.0) -> None:
+    async def close(self, timeout_s: float = 2.0) -> None:
         """Shutdown: voice notes under way get a moment to finish, then are cancelled."""
         if not self._background:
             return

@@ -134,6 +134,16 @@ async def test_a_wrong_token_gets_403_and_no_cookie(gateway, http):
         assert response.status == 401  # the raw token is not a session value
 
 
+async def test_every_admin_answer_stays_out_of_caches_referers_and_sniffing(gateway, http):
+    for path in (DATA_URL, "/admin/privacy-requests", "/admin/people/+5516999990001/usage"):
+        async with http.get(gateway.url + path, headers=bearer()) as response:
+            assert response.status in (200, 404), path
+            headers = response.headers
+            assert headers["Cache-Control"] == "no-store", path
+            assert headers["Referrer-Policy"] == "no-referrer", path
+            assert headers["X-Content-Type-Options"] == "nosniff", path
+
+
 async def test_the_right_bearer_token_gets_the_page(gateway, http):
     async with http.get(gateway.url + "/", headers=bearer()) as response:
         assert response.status == 200
