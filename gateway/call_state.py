@@ -465,9 +465,12 @@ class CallState:
         self, call_id: str, output: str, now: float, after: AfterPlayback | None = None
     ) -> list[Action]:
         """A tool the model called is done: its output goes back, and the model answers."""
-        if self.ended or self.upstream is not _LIVE:
+        if self.ended:
             return []
-        return self._send_all(self.tools.finished(call_id, output, after), now)
+        events = self.tools.finished(call_id, output, after)
+        if self.upstream is not _LIVE:  # its session is gone; the next one has the transcript
+            return self._act_if_due()
+        return self._send_all(events, now) + self._act_if_due()
 
     def _send_all(self, events: list[dict[str, Any]], now: float) -> list[Action]:
         if any(e["type"] == "response.create" for e in events):
@@ -676,7 +679,8 @@ class CallState:
             return actions + self.end(now, f"upstream lost for good ({reason})")
         self.upstream = Upstream.RECONNECTING
         self._owed.clear()
-        return [*actions, OpenUpstream(delay, reason, replace=True)]
+        self.tools.session_replaced()  # its calls die with it; a held hang-up does not
+        return [*actions, *self._act_if_due(), OpenUpstream(delay, reason, replace=True)]
 
     def tick(self, now: float) -> list[Action]:
         """Clock-driven decisions, for moments no message arrives (the handler's timer)."""

@@ -84,7 +84,11 @@ class ToolFlow:
         rid = self._call_round.pop(call_id, None)
         round_ = self._rounds.get(rid or "")
         if round_ is None or call_id not in round_.pending:
-            return []  # its session was replaced: the new one never saw the call
+            # Its session was replaced: the new one never saw the call, but a hang-up or
+            # transfer the model asked for still happens once the phone is quiet.
+            if after is not None and self._after is None:
+                self._after, self._armed = after, True
+            return []
         round_.pending.discard(call_id)
         if after is not None and self._after is None:
             self._after = after

@@ -143,3 +143,14 @@ def test_unusable_or_late_calls_are_protocol_errors_or_ignored():
     state.end(0.4, "caller hung up")
     assert state.tool_finished("call_1", "ok", 0.5) == []  # the phone is gone
     assert not any(isinstance(a, SendRealtime) for a in state.on_realtime(done("resp_1"), 0.6))
+
+
+def test_a_hang_up_asked_for_before_a_reconnect_still_happens_once_the_phone_is_quiet():
+    state = CallState()
+    start(state)
+    state.on_realtime(created("resp_1"), 0.1)
+    state.on_realtime(function_call(), 0.2)
+    state.upstream_lost(0.3, "dropped")  # the session dies while the tool runs
+    acted = state.tool_finished("call_1", "ok", 0.4, AfterPlayback("hangup"))
+    assert acted == [ActOnCall(AfterPlayback("hangup"))]  # nothing left to play
+    assert not any(isinstance(a, SendRealtime) for a in acted)
