@@ -32,6 +32,7 @@ from aiohttp import encode_basic_auth, web
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 
 from gateway import media
+from gateway.fixed_voices import FixedVoices
 from gateway.inbound_queue import Defer, GiveUp, InboundWorker, Intake, RetryLater
 from gateway.observability import (
     ERRORS,
@@ -335,6 +336,7 @@ class WhatsAppChannel:
         self.intake: Intake | None = None
         self._sending: set[asyncio.Task[Any]] = set()
         self._stopped = False
+        self.fixed_voices = FixedVoices(rt)
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """cleanup_ctx: runs after the store and clients are open, stops before they close."""
@@ -422,7 +424,7 @@ class WhatsAppChannel:
             raise GiveUp("the person no longer exists")
         if await limits.over_budget(self.rt, person, "whatsapp"):
             await self._merged(message, inbound)  # one polite answer for the whole burst
-            return self._fixed(inbound, "over_budget")
+            return await self._fixed(inbound, "over_budget")
         wait = limits.take_turn(person.id)
         if wait > 0:
             WHATSAPP_LIMITED.labels("deferred").inc()
@@ -465,7 +467,7 @@ class WhatsAppChannel:
             raise
         except BadInput as bad:
             log.info("whatsapp %s: %s; answering %s", sid, bad.detail, bad.key)
-            return self._fixed(inbound, bad.key)
+            return await self._fixed(inbound, bad.key)
         except Exception as err:  # transient (Realtime, media host) or a bug: retry, then apologise
             ERRORS.labels("whatsapp_compose").inc()
             if not isinstance(err, RealtimeUnavailable | MediaUnavailable):
@@ -474,7 +476,7 @@ class WhatsAppChannel:
             if attempts < self.worker.max_attempts:
                 raise RetryLater(str(err) or type(err).__name__) from err
             log.error("whatsapp %s: %s on the last attempt; apologising", sid, err)
-            return self._fixed(inbound, "processing_error")
+            return await self._fixed(inbound, "processing_error")
         return await self._model_reply(inbound, voice)
 
     async def _turn_input(self, inbound: Inbound) -> TurnInput:
@@ -532,13 +534,22 @@ class WhatsAppChannel:
             response_id=voice.response_id,
         )
 
-    def _fixed(self, inbound: Inbound, key: str) -> WhatsAppReply:
+    async def _fixed(self, inbound: Inbound, key: str) -> WhatsAppReply:
+        """A fixed message, with its voice note like every reply (text alone if unreadable)."""
+        notes = await self.fixed_voices.notes(key)
+        media_ids = [
+            await media.publish_voice_note(
+                self.rt.store, note, person_id=inbound.person_id, ttl_s=self.rt.settings.media_ttl_s
+            )
+            for note in notes
+        ]
         return WhatsAppReply(
             message_sid=inbound.message_sid,
             person_id=inbound.person_id,
             conversation_id=None,
             kind="fixed",
             text=self.rt.persona.messages[key],
+            media_ids=media_ids,
         )
 
     # step 5: send

@@ -615,9 +615,12 @@ def _should_greet(memory: MemoryContext | None) -> bool:
     return now - last > GREET_AFTER
 
 
-async def read_aloud(rt: Runtime, person: Person, text: str, instruction: str) -> list[bytes]:
+async def read_aloud(
+    rt: Runtime, person: Person | None, text: str, instruction: str
+) -> list[bytes]:
     """`text` in the persona's voice, as voice notes: a short session of its own that only
-    reads (no memory, no conversation, no tools), closed at once; its cost is the person's."""
+    reads (no memory, no conversation, no tools), closed at once; its cost is the person's
+    (None: the persona's own fixed messages, read once for everyone, and only logged)."""
     settings = rt.settings
     session = await RealtimeSession.open(
         rt.openai,
@@ -648,6 +651,9 @@ async def read_aloud(rt: Runtime, person: Person, text: str, instruction: str) -
         raise
     finally:
         await session.close()
+    if person is None:
+        log.info("read aloud for everyone: %s", token_counts(collector.usage or {}))
+        return notes
     with contextlib.suppress(Erased):
         await rt.store.add_usage(
             person.id,

@@ -20,6 +20,7 @@ from simulators.realtime import RealtimeSimConfig
 from simulators.whatsapp_sender import WhatsAppSender
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.test_dashboard import CHROMIUM, chromium
+from tests.test_whatsapp import only_reading_sessions
 
 ANA = "+5516999990001"
 ADMIN = "limits-admin-token"
@@ -124,11 +125,13 @@ async def over_budget_gateway(start_gateway, live_env, twilio_sim, realtime_sim)
     gateway = await start_gateway(env)
     await send_burst(gateway, ["Oi, quero anunciar minha fazenda"])
     await twilio_sim.wait_for_messages(2, timeout=WAIT_S)  # the first turn is within budget
-    sessions_before = len(realtime_sim.sessions)
+    conversations = realtime_sim.sessions[:]
     await send_burst(gateway, ["E quanto custa?"])
-    await twilio_sim.wait_for_messages(3, timeout=WAIT_S)
+    await twilio_sim.wait_for_messages(4, timeout=WAIT_S)  # the polite text and its voice
     await all_settled(gateway, 2)
-    assert len(realtime_sim.sessions) == sessions_before  # no model ran for the second
+    # No model turn ran for the second: a new session, if any, only read the fixed message.
+    later = [s for s in realtime_sim.sessions if s not in conversations]
+    assert only_reading_sessions(later, gateway.runtime.persona)
     return gateway
 
 
@@ -138,7 +141,7 @@ async def test_over_the_daily_budget_a_polite_message_and_an_operator_alert(
     gateway = await over_budget_gateway(start_gateway, live_env, twilio_sim, realtime_sim)
     polite = gateway.runtime.persona.messages["over_budget"]
     assert texts_to(twilio_sim)[-1] == polite
-    assert len(twilio_sim.messages) == 3  # a text, no voice note, for the refused turn
+    assert len(twilio_sim.messages) == 4  # the polite text and its voice note, like any reply
     limits = (await admin_json(gateway, "/dashboard/data.json"))["limits"]
     assert limits["daily_budget_usd"] == 0.000001 and limits["whatsapp_burst"] == 5
     [alert] = limits["alerts"]
