@@ -12,7 +12,7 @@ run: $(VENV)/.deps
 test: $(VENV)/.deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	@$(BIN)/python -c 'import os; from tests.pg import find_bin_dir as f; d = os.environ.get("TEST_DATABASE_URL") or f(); print("PostgreSQL tests: " + (f"on {d}" if d else "SKIPPED (no initdb/pg_ctl; install postgresql or set TEST_DATABASE_URL)"))'
+	@$(BIN)/python -c 'import os; from tests.pg import find_bin_dir as f; d = "TEST_DATABASE_URL" if os.environ.get("TEST_DATABASE_URL") else f(); print("PostgreSQL tests: " + (f"on {d}" if d else "SKIPPED (no initdb/pg_ctl; install postgresql or set TEST_DATABASE_URL)"))'
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.deps
