@@ -80,10 +80,17 @@ async def _burst(op: Callable[[int], Awaitable[None]]) -> tuple[list[float], flo
     return samples, (time.perf_counter() - start) * 1000
 
 
-async def bench_asyncpg(url: str, n: int) -> dict:
+async def _no_reset(_conn) -> None:
+    return None
+
+
+async def bench_asyncpg(url: str, n: int, reset: bool = True) -> dict:
+    """reset=False skips the pool's reset on release (a round trip: advisory unlock-all,
+    CLOSE ALL, UNLISTEN *, RESET ALL); safe only if nothing session-scoped is left behind."""
     import asyncpg
 
-    pool = await asyncpg.create_pool(url, min_size=20, max_size=20)
+    extra = {} if reset else {"reset": _no_reset}
+    pool = await asyncpg.create_pool(url, min_size=20, max_size=20, **extra)
     async with pool.acquire() as c:
         for sql in PG_SCHEMA:
             await c.execute(sql)
@@ -234,12 +241,12 @@ async def _run_all(n: int, turn, claim, last20) -> dict:
 
 def _report(results: dict[str, dict]) -> str:
     ops = ["turn insert", "queue claim", "last 20 turns", "200 inserts / 20 tasks"]
-    lines = [f"{'operation':<24} {'driver':<10} {'median ms':>10} {'p99 ms':>8}"]
+    lines = [f"{'operation':<24} {'driver':<11} {'median ms':>10} {'p99 ms':>8}"]
     for op in ops:
         for name, res in results.items():
             s = res[op]
             lines.append(
-                f"{op:<24} {name:<10} {percentile(s, 50):>10.3f} {percentile(s, 99):>8.3f}"
+                f"{op:<24} {name:<11} {percentile(s, 50):>10.3f} {percentile(s, 99):>8.3f}"
             )
     for name, res in results.items():
         lines.append(f"burst wall time, {name}: {res['_burst_wall_ms']:.1f} ms for 200 inserts")
@@ -257,8 +264,9 @@ async def main() -> None:
         url = cluster.url
     try:
         results = {}
-        results["asyncpg"] = await bench_asyncpg(url, args.n)
         results["psycopg"] = await bench_psycopg(url, args.n)
+        results["asyncpg"] = await bench_asyncpg(url, args.n)
+        results["asyncpg-nr"] = await bench_asyncpg(url, args.n, reset=False)
         with tempfile.TemporaryDirectory() as tmp:
             results["aiosqlite"] = await bench_sqlite(str(Path(tmp) / "bench.db"), args.n)
         print(_report(results))
