@@ -717,9 +717,8 @@ def _number_or_none(number: str) -> str | None:
 
 
 async def _person(rt: Runtime, caller: str, call_sid: str) -> Person | None:
-    try:
-        number = normalize_number(caller)
-    except ValueError:
+    number = _number_or_none(caller)
+    if number is None:
         log.info("call %s: caller id withheld; no memory for this call", call_sid)
         return None
     return await rt.store.person_for(number)

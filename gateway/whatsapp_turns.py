@@ -414,7 +414,7 @@ class WarmSessions:
         assert session is not None
         started = time.monotonic()
         await self._catch_up(warm, session)
-        await self._send_input(session, turn)
+        await send_input(session, turn)
         params = self._response_params(warm, turn)
         await session.send({"type": "response.create", "response": params})
         encoder = BackgroundEncoder()
@@ -422,7 +422,7 @@ class WarmSessions:
         collector = ReplyCollector(encoder.push, wants_user_transcript=is_audio)
         collector.tools = ToolFlow()
         try:
-            await self._collect(session, collector)
+            await collect(session, collector)
             collector = await self._tool_rounds(warm, session, collector, turn, log_id)
         except BaseException:
             encoder.cancel()
@@ -460,7 +460,7 @@ class WarmSessions:
                     await session.send(event)
             await self._record_usage(warm, collector, 0)
             collector = collector.next_response()
-            await self._collect(session, collector)
+            await collect(session, collector)
             spoken.append(collector.reply_text)
         collector.transcript = " ".join(t for t in spoken if t)
         return collector
@@ -489,23 +489,6 @@ class WarmSessions:
         if news is not None:
             await session.send(news)
 
-    async def _send_input(self, session: RealtimeSession, turn: TurnInput) -> None:
-        if isinstance(turn, TextInput):
-            item = {
-                "type": "message",
-                "role": "user",
-                "content": [{"type": "input_text", "text": turn.text}],
-            }
-            await session.send({"type": "conversation.item.create", "item": item})
-            return
-        pcm = turn.pcm
-        if len(pcm) < MIN_COMMIT_BYTES:
-            pcm += bytes(MIN_COMMIT_BYTES - len(pcm))  # silence, so the commit is accepted
-        for start in range(0, len(pcm), APPEND_BYTES):
-            chunk = base64.b64encode(pcm[start : start + APPEND_BYTES]).decode()
-            await session.send({"type": "input_audio_buffer.append", "audio": chunk})
-        await session.send({"type": "input_audio_buffer.commit"})
-
     def _response_params(self, warm: _Warm, turn: TurnInput) -> dict[str, Any]:
         """Audio out (with its transcript); the channel's instructions when they differ."""
         params: dict[str, Any] = {"output_modalities": ["audio"]}
@@ -518,18 +501,6 @@ class WarmSessions:
                 instructions = f"{instructions}\n\n{greeting}"
             params["instructions"] = instructions
         return params
-
-    async def _collect(self, session: RealtimeSession, collector: ReplyCollector) -> None:
-        async with asyncio.timeout(TURN_TIMEOUT_S):
-            while not collector.finished:
-                collector.on_event(await session.recv())
-        if collector.error is not None:
-            raise TurnFailed(collector.error)
-        # The reply is whole; the voice note's transcript may still be on its way.
-        with contextlib.suppress(TimeoutError, UpstreamClosed):
-            async with asyncio.timeout(TRANSCRIPT_GRACE_S):
-                while not collector.user_transcript_settled:
-                    collector.on_event(await session.recv())
 
     def _reply(
         self,
@@ -615,6 +586,39 @@ def _should_greet(memory: MemoryContext | None) -> bool:
     return now - last > GREET_AFTER
 
 
+async def send_input(session: RealtimeSession, turn: TurnInput) -> None:
+    """A message as the model hears it: a user text item, or the voice note committed."""
+    if isinstance(turn, TextInput):
+        item = {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": turn.text}],
+        }
+        await session.send({"type": "conversation.item.create", "item": item})
+        return
+    pcm = turn.pcm
+    if len(pcm) < MIN_COMMIT_BYTES:
+        pcm += bytes(MIN_COMMIT_BYTES - len(pcm))  # silence, so the commit is accepted
+    for start in range(0, len(pcm), APPEND_BYTES):
+        chunk = base64.b64encode(pcm[start : start + APPEND_BYTES]).decode()
+        await session.send({"type": "input_audio_buffer.append", "audio": chunk})
+    await session.send({"type": "input_audio_buffer.commit"})
+
+
+async def collect(session: RealtimeSession, collector: ReplyCollector) -> None:
+    """One response's events into `collector`, bounded; TurnFailed if it failed."""
+    async with asyncio.timeout(TURN_TIMEOUT_S):
+        while not collector.finished:
+            collector.on_event(await session.recv())
+    if collector.error is not None:
+        raise TurnFailed(collector.error)
+    # The reply is whole; the voice note's transcript may still be on its way.
+    with contextlib.suppress(TimeoutError, UpstreamClosed):
+        async with asyncio.timeout(TRANSCRIPT_GRACE_S):
+            while not collector.user_transcript_settled:
+                collector.on_event(await session.recv())
+
+
 async def read_aloud(
     rt: Runtime, person: Person | None, text: str, instruction: str
 ) -> list[bytes]:
@@ -630,21 +634,12 @@ async def read_aloud(
     )
     encoder = BackgroundEncoder()
     try:
-        item = {
-            "type": "message",
-            "role": "user",
-            "content": [{"type": "input_text", "text": text}],
-        }
-        await session.send({"type": "conversation.item.create", "item": item})
+        await send_input(session, TextInput(text))
         await session.send(
             {"type": "response.create", "response": {"output_modalities": ["audio"]}}
         )
         collector = ReplyCollector(encoder.push, wants_user_transcript=False)
-        async with asyncio.timeout(TURN_TIMEOUT_S):
-            while not collector.finished:
-                collector.on_event(await session.recv())
-        if collector.error is not None:
-            raise TurnFailed(collector.error)
+        await collect(session, collector)
         notes = await encoder.finish()
     except BaseException:
         encoder.cancel()
