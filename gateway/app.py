@@ -16,7 +16,7 @@ from gateway.health import health
 from gateway.observability import collector_tuned, loop_lag_watched, metrics
 from gateway.persona import load_persona
 from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
-from gateway.settings import Settings, SettingsError
+from gateway.settings import Settings, SettingsError, redacted_url
 from gateway.store import Store
 from gateway.summaries import Summarizer
 from gateway.usage import Prices, PriceTableError, load_prices
@@ -67,7 +67,8 @@ def _prices(settings: Settings) -> dict[str, Prices]:
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     rt.store = await Store.open(rt.settings.database_url)
-    log.info("store open at %s (schema v%d)", rt.settings.database_url, rt.store.schema_version)
+    where = redacted_url(rt.settings.database_url)
+    log.info("store open at %s (schema v%d)", where, rt.store.schema_version)
     yield
     await rt.store.close()
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_TWILIO_API_BASE_URL = "https://api.twilio.com"
@@ -277,7 +277,23 @@ def _database_url(value: str) -> str:
     if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
         return value
     if value.startswith(("postgresql://", "postgres://")):
-        raise SettingsError(
-            "DATABASE_URL", "PostgreSQL is planned but not supported yet; use sqlite:///path.db"
-        )
-    raise SettingsError("DATABASE_URL", f"must look like sqlite:///path/to/file.db, got {value!r}")
+        parts = urlsplit(value)
+        if not parts.path.strip("/") or not (parts.hostname or "host=" in parts.query):
+            raise SettingsError(
+                "DATABASE_URL", "must name a host and a database: postgresql://user@host/db"
+            )
+        return value
+    raise SettingsError(
+        "DATABASE_URL",
+        "must look like sqlite:///path/to/file.db or postgresql://user@host/db, "
+        f"got {redacted_url(value)!r}",
+    )
+
+
+def redacted_url(url: str) -> str:
+    """A URL fit for a log: any password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from aiohttp import web
@@ -17,6 +20,7 @@ from gateway.runtime import RUNTIME, Runtime
 from gateway.settings import Settings
 from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 from simulators.twilio import TwilioSimulator
+from tests.pg import pg_url  # noqa: F401  (a session fixture, shared by every test)
 
 ACCOUNT_SID = "AC" + "ab" * 16
 AUTH_TOKEN = "test-auth-token"
@@ -41,6 +45,52 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "allow_tracebacks: the test provokes a logged traceback on purpose"
     )
+    config.addinivalue_line(
+        "markers",
+        "both_stores: run on SQLite and on PostgreSQL (the store, queue, memory and "
+        "WhatsApp suites); TEST_STORE=postgres runs every test on PostgreSQL alone",
+    )
+
+
+# Which store a test's gateway and Store.open use: SQLite by default; a module marked
+# both_stores runs on both; TEST_STORE=postgres (make test-postgres) puts every test on it.
+ALL_ON = os.environ.get("TEST_STORE", "sqlite")
+STORES = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database_url" not in metafunc.fixturenames:
+        return
+    if ALL_ON not in STORES:
+        raise pytest.UsageError(f"TEST_STORE must be one of {STORES}, got {ALL_ON!r}")
+    both = metafunc.definition.get_closest_marker("both_stores") is not None
+    stores = STORES if both and ALL_ON == "sqlite" else (ALL_ON,)
+    metafunc.parametrize("database_url", stores, indirect=True, ids=list(stores))
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """A fresh, empty store for this test: a SQLite file, or a new PostgreSQL database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield f"sqlite:///{tmp_path}/gateway.db"
+        return
+    server = request.getfixturevalue("pg_url")
+    name = f"t{os.getpid()}_{next(_databases)}"
+    _admin(server, f"CREATE DATABASE {name}")
+    try:
+        yield urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+    finally:
+        _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _admin(server: str, sql: str) -> None:
+    import psycopg  # the sync driver (dev extra): fixtures here are not async
+
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(sql)
 
 
 @pytest.fixture(autouse=True)
@@ -107,13 +157,13 @@ GatewayFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def start_gateway(tmp_path) -> AsyncIterator[GatewayFactory]:
+async def start_gateway(database_url: str) -> AsyncIterator[GatewayFactory]:
     """Start gateways with an environment; each is stopped at the end of the test."""
     running: list[RunningGateway] = []
 
     async def start(env: dict[str, str], port: int | None = None) -> RunningGateway:
         port = port or free_port()
-        full = {"DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db", "PORT": str(port), **env}
+        full = {"DATABASE_URL": database_url, "PORT": str(port), **env}
         full.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
         app = create_app(Settings.from_env(full))
         runner = web.AppRunner(app, handle_signals=False)

@@ -7,12 +7,14 @@ The product never needs these: it accepts in batches and never asks after one me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.store import Store
-from gateway.store.store import Arrival
+from gateway.store.store import POSTGRES_SCHEMES, Arrival
 
 SETTLED = ("done", "failed")
 POLL_S = 0.02  # a retry is due 2 s later at the earliest (inbound_queue.Backoff): never missed
@@ -77,10 +79,50 @@ def _outcome(record: InboundRecord, wanted: tuple[str, ...]) -> str | None:
 
 
 def sql_rows(gateway: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Rows of a running gateway's SQLite file, read beside it on a connection of the test's
-    own (what an operator with `sqlite3` would see)."""
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
-    try:
+    """Rows of a running gateway's store, read beside it on a connection of the test's own
+    (what an operator with `sqlite3` or `psql` would see)."""
+    with connect(gateway) as db:
         return db.execute(sql, params).fetchall()
+
+
+class _Pg:
+    """A psycopg connection that takes the store's `?` placeholders, as sqlite3 does."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # the sync driver (dev extra)
+
+        self._conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self._conn.execute(sql.replace("%", "%%").replace("?", "%s"), params)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def open_db(gateway_or_url: Any) -> Any:
+    """A synchronous connection to a gateway's store (or a DATABASE_URL), SQLite or PostgreSQL;
+    `execute(sql, params)` with `?` placeholders on both. The caller closes it."""
+    settings = getattr(getattr(gateway_or_url, "runtime", None), "settings", None)
+    url = settings.database_url if settings is not None else gateway_or_url
+    if url.startswith(POSTGRES_SCHEMES):
+        return _Pg(url)
+    return sqlite3.connect(url.removeprefix("sqlite:///"))
+
+
+@contextlib.contextmanager
+def connect(gateway_or_url: Any) -> Iterator[Any]:
+    db = open_db(gateway_or_url)
+    try:
+        yield db
     finally:
         db.close()
+
+
+def table_names(db: Any) -> list[str]:
+    """Every table of the store (either engine), but the engine's own."""
+    if isinstance(db, sqlite3.Connection):
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    else:
+        sql = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    return sorted(row[0] for row in db.execute(sql).fetchall())

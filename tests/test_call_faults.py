@@ -10,7 +10,6 @@ Bounds stated here: a frozen upstream is replaced within REALTIME_STALL_S (1 s i
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from simulators.caller import SimulatedCaller
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.store_helpers import open_db
 
 PUBLIC = "https://gw.example.test"
 CALLER = "+5516999990002"
@@ -67,7 +67,7 @@ async def errors_of_kind(gateway, kind: str) -> float:
 
 
 def stored_turns(gateway) -> list[tuple[str, str]]:
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
+    db = open_db(gateway)
     try:
         return db.execute("SELECT role, text FROM turns ORDER BY id").fetchall()
     finally:

@@ -6,7 +6,6 @@ not Twilio's; and that none of these opens a Realtime session or writes a row it
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 from xml.etree import ElementTree
@@ -18,6 +17,7 @@ from simulators.caller import DialResult, SimulatedCaller
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.store_helpers import open_db
 from tests.test_call_faults import errors_of_kind
 
 PUBLIC = "https://gw.example.test"
@@ -69,7 +69,7 @@ def is_apology(dial: DialResult) -> bool:
 
 
 def conversations(gateway) -> list[str]:
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
+    db = open_db(gateway)
     try:
         return [sid for (sid,) in db.execute("SELECT external_id FROM conversations")]
     finally:
@@ -77,7 +77,7 @@ def conversations(gateway) -> list[str]:
 
 
 def people(gateway) -> int:
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
+    db = open_db(gateway)
     try:
         return db.execute("SELECT count(*) FROM people").fetchone()[0]
     finally:

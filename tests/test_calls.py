@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import sqlite3
 import time
 
 import aiohttp
@@ -15,6 +14,7 @@ from simulators.realtime import RealtimeSimConfig
 from simulators.realtime_events import check_client_event
 from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, free_port
+from tests.store_helpers import open_db
 
 PUBLIC = "https://gw.example.test"
 CALLER = "+5516999990001"
@@ -241,7 +241,7 @@ async def test_turns_transcripts_and_latency_are_stored_with_the_person(gateway,
     roles = [t.role for t in turns]
     assert roles.count("assistant") >= 2 and "user" in roles and "dtmf" in roles
     assert all(t.channel == "call" for t in turns)
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
+    db = open_db(gateway)
     greeting, reply = db.execute(
         "SELECT response_latency_ms, upstream_first_audio_ms FROM turns "
         "WHERE role = 'assistant' ORDER BY id"

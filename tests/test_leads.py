@@ -28,6 +28,8 @@ from tests.conftest import free_port
 from tests.store_helpers import sql_rows
 from tests.test_call_faults import eventually
 
+pytestmark = pytest.mark.both_stores
+
 ADMIN = "admin-token-for-leads"
 SECRET = "crm-secret-for-tests"
 ANA = "+5516999990001"
@@ -150,8 +152,8 @@ async def admin_get(gateway, path: str, token: str | None = ADMIN) -> tuple[int,
 
 
 @pytest.fixture
-async def store(tmp_path) -> AsyncIterator[Store]:
-    s = await Store.open(f"sqlite:///{tmp_path}/leads.db")
+async def store(database_url) -> AsyncIterator[Store]:
+    s = await Store.open(database_url)
     yield s
     await s.close()
 

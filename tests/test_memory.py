@@ -4,7 +4,6 @@ over loopback with the Twilio and Realtime (+ Responses) simulators."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import aiohttp
 import pytest
@@ -14,6 +13,9 @@ from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
 from simulators.whatsapp_sender import WhatsAppSender
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.store_helpers import open_db
+
+pytestmark = pytest.mark.both_stores
 
 ANA = "+5516999990001"
 BRUNO = "+5517988880002"
@@ -143,7 +145,7 @@ async def test_a_failed_summary_loses_nothing_and_is_retried(gateway, realtime_s
 
     await wait_until(retried)
     assert [r.status for r in realtime_sim.responses.requests[:2]] == [500, 200]
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
+    db = open_db(gateway)
     attempts, summarized = db.execute(
         "SELECT summary_attempts, summarized_at FROM conversations WHERE person_id = ?",
         (person.id,),
@@ -169,7 +171,7 @@ async def test_erase_removes_every_row_and_file_of_one_person_only(
     assert status == 200 and body["erased"]["people"] == 1 and body["erased"]["media"] >= 1
 
     assert (await admin(gateway, "GET", f"/admin/people/{ANA}/export"))[0] == 404
-    db = sqlite3.connect(gateway.runtime.settings.database_path)
+    db = open_db(gateway)
     assert db.execute("SELECT COUNT(*) FROM people WHERE e164 = ?", (ANA,)).fetchone()[0] == 0
     for table in ("conversations", "inbound_messages", "whatsapp_replies", "media", "usage"):
         sql = f"SELECT COUNT(*) FROM {table} WHERE person_id = ?"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
+from typing import Any
 
 import pytest
 
@@ -16,6 +16,7 @@ from simulators.caller import SimulatedCaller
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.store_helpers import open_db, table_names
 from tests.test_memory import (
     ADMIN,
     WAIT_S,
@@ -24,6 +25,8 @@ from tests.test_memory import (
     wait_until,
     whatsapp_text,
 )
+
+pytestmark = pytest.mark.both_stores
 
 ANA = "+5516999990001"
 BRUNO = "+5517988880002"
@@ -67,11 +70,11 @@ def chat_sessions(realtime_sim) -> list:
     return [s for s in realtime_sim.sessions if s.input_format == "audio/pcm"]
 
 
-def db_of(gateway) -> sqlite3.Connection:
-    return sqlite3.connect(gateway.runtime.settings.database_path)
+def db_of(gateway) -> Any:
+    return open_db(gateway)
 
 
-def orphans(db: sqlite3.Connection) -> dict[str, int]:
+def orphans(db: Any) -> dict[str, int]:
     """Rows whose owner is gone: none may exist after any erasure."""
     checks = {
         "conversations": "SELECT COUNT(*) FROM conversations WHERE person_id NOT IN "
@@ -89,10 +92,10 @@ def orphans(db: sqlite3.Connection) -> dict[str, int]:
     return {table: db.execute(sql).fetchone()[0] for table, sql in checks.items()}
 
 
-def everything_stored(db: sqlite3.Connection) -> str:
+def everything_stored(db: Any) -> str:
     """Every text column of every table, for a search of what must not be there."""
     parts = []
-    for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+    for table in table_names(db):
         for row in db.execute(f"SELECT * FROM {table}"):
             parts.extend(str(v) for v in row if isinstance(v, str))
     return "\n".join(parts)

@@ -41,7 +41,7 @@ def test_realtime_ws_url_is_derived_from_the_sdk_base_url():
         ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32}, "TWILIO_AUTH_TOKEN"),
         ({"TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID"),
         ({"TWILIO_ACCOUNT_SID": "XX1", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID"),
-        ({"DATABASE_URL": "postgresql://db/x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "mysql://db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite:///file:x?mode=memory&cache=shared"}, "DATABASE_URL"),

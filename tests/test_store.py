@@ -9,10 +9,12 @@ from gateway.store.connection import Connection
 from gateway.store.migrations import available, migrate
 from tests.store_helpers import accept_inbound, inbound_status
 
+pytestmark = pytest.mark.both_stores
+
 
 @pytest.fixture
-async def store(tmp_path):
-    s = await Store.open(f"sqlite:///{tmp_path}/g.db")
+async def store(database_url):
+    s = await Store.open(database_url)
     yield s
     await s.close()
 
@@ -41,8 +43,8 @@ async def test_person_conversations_and_turns_across_channels(store):
     assert turns[1].audio_ms == 900
 
 
-async def test_inbound_queue_is_unique_by_message_sid_and_survives_a_crash(tmp_path):
-    url = f"sqlite:///{tmp_path}/g.db"
+async def test_inbound_queue_is_unique_by_message_sid_and_survives_a_crash(database_url):
+    url = database_url
     store = await Store.open(url)
     p = await store.person_for("+5516999990001")
     assert await accept_inbound(store, "SM1", p.id, {"Body": "Olá"})
@@ -71,8 +73,8 @@ async def test_a_retry_waits_until_it_is_due(store):
     assert await store.claim_inbound() is None
 
 
-async def test_ping_fails_on_a_closed_store(tmp_path):
-    s = await Store.open(f"sqlite:///{tmp_path}/g.db")
+async def test_ping_fails_on_a_closed_store(database_url):
+    s = await Store.open(database_url)
     assert await s.ping()
     await s.close()
     assert not await s.ping()

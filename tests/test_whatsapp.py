@@ -9,7 +9,6 @@ import base64
 import contextlib
 import io
 import math
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -28,7 +27,9 @@ from simulators.speech import speech_pcm24k
 from simulators.twilio import SentMessage, TwilioSimulator
 from simulators.whatsapp_sender import WhatsAppSender, new_sid
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, GatewayFactory, RunningGateway
-from tests.store_helpers import inbound_record, wait_settled
+from tests.store_helpers import inbound_record, open_db, wait_settled
+
+pytestmark = pytest.mark.both_stores
 
 USER = "+5516999990001"
 USER_WA = f"whatsapp:{USER}"
@@ -461,7 +462,7 @@ async def test_a_message_accepted_before_a_crash_is_answered_once_after_restart(
     await session.wait_event("response.created", timeout=WAIT_S)
     await first.stop()  # killed between accept and reply
 
-    db = sqlite3.connect(tmp_path / "gateway.db")
+    db = open_db(first)
     [(status,)] = db.execute(
         "SELECT status FROM inbound_messages WHERE message_sid = ?", (accepted.message_sid,)
     )
@@ -525,7 +526,7 @@ async def test_an_idle_session_is_closed_and_its_conversation_ended(
         await session.wait_for(lambda: realtime_sim.sessions[0].closed, timeout=WAIT_S)
         person = await wa.store.person_by_number(USER)
         # Ending the conversation is what hands it to the summarizer.
-        db = sqlite3.connect(gateway.runtime.settings.database_path)
+        db = open_db(gateway)
         ended = db.execute(
             "SELECT ended_at FROM conversations WHERE person_id = ?", (person.id,)
         ).fetchall()

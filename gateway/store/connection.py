@@ -46,6 +46,8 @@ class Done:
 
 
 class Connection:
+    dialect = "sqlite"
+
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
         self._owner: asyncio.Task[Any] | None = None
@@ -63,6 +65,16 @@ class Connection:
         async with self._turn():
             with _erasure_named():
                 await self.db.executemany(sql, rows)
+
+    async def insert(self, sql: str, args: Iterable[Any] = ()) -> int:
+        """Run an INSERT (or upsert) and return the id of its row (RETURNING, as PostgreSQL
+        does it: lastrowid is wrong for an upsert that updated)."""
+        async with self._turn():
+            with _erasure_named():
+                async with self.db.execute(sql + " RETURNING id", tuple(args)) as cursor:
+                    row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
 
     async def executescript(self, script: str) -> None:
         async with self._turn():

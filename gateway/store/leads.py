@@ -161,21 +161,18 @@ class LeadQueries:
                     (*fields.values(), now, found[0]),
                 )
                 return int(found[0])
-        done = await self._db.execute(
+        return await self._db.insert(
             "INSERT INTO leads (person_id, conversation_id, channel, name, interest, "
             f"{', '.join(_OPTIONAL)}, created_at, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (person_id, conversation_id, channel, *fields.values(), now, now),
         )
-        assert done.lastrowid is not None
-        return done.lastrowid
 
     async def leads(self, limit: int | None = None) -> list[LeadRow]:
         """Every lead (or the latest `limit`), newest first, with its CRM state."""
-        every = -1  # SQLite's LIMIT for no limit
-        return await self._lead_rows(
-            "ORDER BY l.id DESC LIMIT ?", (every if limit is None else limit,)
-        )
+        if limit is None:
+            return await self._lead_rows("ORDER BY l.id DESC", ())
+        return await self._lead_rows("ORDER BY l.id DESC LIMIT ?", (limit,))
 
     async def _lead_rows(self, tail: str, args: tuple[Any, ...]) -> list[LeadRow]:
         async with self._db.execute(f"{_LEAD_ROWS} {tail}", args) as cur:
@@ -222,9 +219,10 @@ class LeadQueries:
 
     async def crm_outbox_counts(self) -> OutboxCounts:
         async with self._db.execute(
-            "SELECT COALESCE(SUM(o.delivered_at IS NULL AND o.next_attempt_at IS NOT NULL), 0), "
-            "COALESCE(SUM(o.delivered_at IS NULL AND o.next_attempt_at IS NULL), 0), "
-            "COALESCE(SUM(o.delivered_at IS NOT NULL), 0) FROM crm_outbox o"
+            "SELECT COUNT(*) FILTER (WHERE o.delivered_at IS NULL "
+            "AND o.next_attempt_at IS NOT NULL), COUNT(*) FILTER (WHERE o.delivered_at IS NULL "
+            "AND o.next_attempt_at IS NULL), COUNT(*) FILTER (WHERE o.delivered_at IS NOT NULL) "
+            "FROM crm_outbox o"
         ) as cur:
             pending, failed, delivered = await cur.fetchone()
         return OutboxCounts(pending, failed, delivered)

@@ -124,12 +124,11 @@ class LifecycleQueries:
     # privacy
     async def record_privacy_request(self, person_id: int, e164: str, channel: str, kind: str,
                                      text: str) -> int:  # fmt: skip
-        cur = await self._db.execute(
+        return await self._db.insert(
             "INSERT INTO privacy_requests (person_id, e164, channel, kind, text, requested_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (person_id, e164, channel, kind, text, _now()),
         )
-        return cur.lastrowid
 
     async def privacy_requests(self, open_only: bool = True) -> list[dict[str, Any]]:
         where = "WHERE handled_at IS NULL" if open_only else ""
@@ -161,6 +160,13 @@ class LifecycleQueries:
         """
         counts: dict[str, int] = {}
         async with self._db.transaction():
+            # The person's row lock first: on PostgreSQL an erasure beside this one waits
+            # here, then finds nobody (SQLite runs one transaction at a time anyway).
+            locked = await self._db.execute(
+                "UPDATE people SET last_seen = last_seen WHERE id = ?", (person_id,)
+            )
+            if not locked.rowcount:
+                return {table: 0 for table in _PERSON_ROWS}
             for table, (_, source, _) in _PERSON_ROWS.items():
                 async with self._db.execute(f"SELECT COUNT(*) {source}", (person_id,)) as cur:
                     counts[table] = (await cur.fetchone())[0]

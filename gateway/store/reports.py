@@ -93,8 +93,8 @@ async def _people(store: Store, limit: int) -> list[PersonReport]:
     # dashboard shares the one connection with live calls).
     rows = await store.rows(
         "WITH recent(id) AS (SELECT conversation_id FROM (SELECT conversation_id FROM turns "
-        "ORDER BY id DESC LIMIT ?) UNION SELECT id FROM (SELECT id FROM conversations "
-        "ORDER BY id DESC LIMIT ?)) "
+        "ORDER BY id DESC LIMIT ?) AS t UNION SELECT id FROM (SELECT id FROM conversations "
+        "ORDER BY id DESC LIMIT ?) AS c) "
         "SELECT p.id, p.e164, p.name, MAX(c.last_activity_at) AS active "
         "FROM recent JOIN conversations c ON c.id = recent.id JOIN people p ON p.id = c.person_id "
         "GROUP BY p.id ORDER BY active DESC, p.id DESC LIMIT ?",
@@ -111,7 +111,7 @@ async def _conversations(
     rows = await store.rows(
         "SELECT * FROM (SELECT id, person_id, channel, started_at, ended_at, ROW_NUMBER() "
         "OVER (PARTITION BY person_id ORDER BY started_at DESC, id DESC) AS n "
-        f"FROM conversations WHERE person_id IN ({_marks(person_ids)})) "
+        f"FROM conversations WHERE person_id IN ({_marks(person_ids)})) AS ranked "
         "WHERE n <= ? ORDER BY started_at DESC, id DESC",
         (*person_ids, per_person),
     )
@@ -130,7 +130,8 @@ async def _turns(
     rows = await store.rows(
         "SELECT * FROM (SELECT id, conversation_id, role, text, at, response_latency_ms, "
         "ROW_NUMBER() OVER (PARTITION BY conversation_id ORDER BY id DESC) AS n FROM turns "
-        f"WHERE conversation_id IN ({_marks(conversation_ids)})) WHERE n <= ? ORDER BY id",
+        f"WHERE conversation_id IN ({_marks(conversation_ids)})) AS ranked WHERE n <= ? "
+        "ORDER BY id",
         (*conversation_ids, per_conversation),
     )
     lines: dict[int, list[TurnLine]] = {}

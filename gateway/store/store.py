@@ -1,5 +1,5 @@
-"""The gateway's memory in SQL (aiosqlite): people, conversations, turns, inbound queue,
-media and usage. The only module that speaks SQL."""
+"""The gateway's memory in SQL (SQLite by aiosqlite, or PostgreSQL by asyncpg): people,
+conversations, turns, inbound queue, media and usage. The SQL is written once for both."""
 
 from __future__ import annotations
 
@@ -16,15 +16,19 @@ from gateway.phones import normalize_number
 from gateway.store.connection import Connection
 from gateway.store.leads import LeadQueries
 from gateway.store.lifecycle import LifecycleQueries
-from gateway.store.migrations import migrate
+from gateway.store.migrations import migrate, migrate_postgres
+from gateway.store.postgres import PgConnection
 
 # A queued message (alias m) waits while an earlier one of its person is unfinished, so
 # replies reach each person in the order they asked. Earlier means accepted earlier: the
-# rowid, which also orders the messages of one stored batch.
+# id, which also orders the messages of one stored batch.
 _NOT_HELD_BACK = (
     "NOT EXISTS (SELECT 1 FROM inbound_messages e WHERE e.person_id = m.person_id "
-    "AND e.status IN ('pending', 'processing') AND e.rowid < m.rowid)"
+    "AND e.status IN ('pending', 'processing') AND e.id < m.id)"
 )
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def utcnow() -> str:
@@ -63,21 +67,33 @@ class InboundMessage:
 
 
 class Store(LifecycleQueries, LeadQueries):
-    """One aiosqlite connection in WAL mode; a single writer process (see README).
+    """SQLite: one aiosqlite connection in WAL mode, a single writer process. PostgreSQL: a
+    pool shared by several gateway instances (README, "Running several instances").
 
-    Every write of several statements runs in `transaction()`, which no other task's
-    statement can enter (see gateway.store.connection).
+    Every write of several statements runs in `transaction()` (see gateway.store.connection
+    and gateway.store.postgres for what each engine makes of it).
     """
 
-    def __init__(self, db: Connection, schema_version: int) -> None:
+    def __init__(self, db: Connection | PgConnection, schema_version: int) -> None:
         self._db = db
         self.schema_version = schema_version
+
+    @property
+    def dialect(self) -> str:
+        return self._db.dialect
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self._db.transaction()
 
     @classmethod
     async def open(cls, database_url: str) -> Store:
+        if database_url.startswith(POSTGRES_SCHEMES):
+            pg = await PgConnection.open(database_url)
+            try:
+                return cls(pg, await migrate_postgres(pg))
+            except BaseException:
+                await pg.close()
+                raise
         path = database_url.removeprefix("sqlite:///")
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +116,7 @@ class Store(LifecycleQueries, LeadQueries):
         except Exception:
             return False
 
-    async def rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
+    async def rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """The rows of one read, for queries that live beside the store in this package
         (reports.py) rather than in it. Writes go through the named methods."""
         if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
@@ -150,12 +166,11 @@ class Store(LifecycleQueries, LeadQueries):
         self, person_id: int, channel: str, external_id: str | None = None
     ) -> int:
         now = utcnow()
-        cur = await self._db.execute(
+        return await self._db.insert(
             "INSERT INTO conversations (person_id, channel, external_id, started_at, "
             "last_activity_at) VALUES (?, ?, ?, ?, ?)",
             (person_id, channel, external_id, now, now),
         )
-        return cur.lastrowid
 
     async def set_greeting_latency(self, conversation_id: int, ms: float) -> None:
         """Media stream start -> the greeting's first frame, for the call's conversation."""
@@ -202,7 +217,7 @@ class Store(LifecycleQueries, LeadQueries):
     ) -> int:
         """The one place a turn is written, for every channel; inside a transaction."""
         now = at or utcnow()
-        cur = await self._db.execute(
+        turn_id = await self._db.insert(
             "INSERT INTO turns (conversation_id, role, text, audio_ms, at, response_latency_ms, "
             "upstream_first_audio_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
@@ -218,8 +233,7 @@ class Store(LifecycleQueries, LeadQueries):
         await self._db.execute(
             "UPDATE conversations SET last_activity_at = ? WHERE id = ?", (now, conversation_id)
         )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        return turn_id
 
     async def recent_turns(self, person_id: int, limit: int = 50) -> list[Turn]:
         """The person's latest turns across every channel, oldest first."""
@@ -249,7 +263,7 @@ class Store(LifecycleQueries, LeadQueries):
         first: the news a session opened before them has not seen."""
         async with self._db.execute(
             "SELECT t.*, c.channel FROM turns t JOIN conversations c ON c.id = t.conversation_id "
-            "WHERE c.person_id = ? AND t.id > ? AND t.conversation_id IS NOT ? "
+            "WHERE c.person_id = ? AND t.id > ? AND t.conversation_id IS DISTINCT FROM ? "
             "AND t.role IN ('user', 'assistant') ORDER BY t.id",
             (person_id, after_turn_id, other_than_conversation),
         ) as cur:
@@ -272,7 +286,7 @@ class Store(LifecycleQueries, LeadQueries):
             "updated_at = ? WHERE message_sid = (SELECT m.message_sid FROM inbound_messages m "
             "WHERE ((m.status = 'pending' AND m.next_try_at <= ?) "
             f"OR (m.status = 'processing' AND m.updated_at <= ?)) AND {_NOT_HELD_BACK} "
-            "ORDER BY m.received_at, m.rowid LIMIT 1) "
+            "ORDER BY m.received_at, m.id LIMIT 1) "
             "RETURNING *",
             (stamp, stamp, stale),
         ) as cur:
@@ -312,8 +326,9 @@ class Store(LifecycleQueries, LeadQueries):
         message held by a limit has not failed."""
         now = datetime.now(UTC)
         await self._db.execute(
-            "UPDATE inbound_messages SET status = 'pending', attempts = MAX(0, attempts - 1), "
-            "error = ?, next_try_at = ?, updated_at = ? WHERE message_sid = ?",
+            "UPDATE inbound_messages SET status = 'pending', "
+            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, error = ?, "
+            "next_try_at = ?, updated_at = ? WHERE message_sid = ?",
             (
                 reason,
                 (now + timedelta(seconds=delay_s)).isoformat(timespec="milliseconds"),
@@ -327,8 +342,8 @@ class Store(LifecycleQueries, LeadQueries):
         pending behind it, oldest first: held back by it, so no other task claims them."""
         async with self._db.execute(
             "SELECT * FROM inbound_messages WHERE merged_into = ? OR (person_id = ? AND "
-            "status = 'pending' AND merged_into IS NULL AND rowid > (SELECT rowid FROM "
-            "inbound_messages WHERE message_sid = ?)) ORDER BY rowid",
+            "status = 'pending' AND merged_into IS NULL AND id > (SELECT id FROM "
+            "inbound_messages WHERE message_sid = ?)) ORDER BY id",
             (message.message_sid, message.person_id, message.message_sid),
         ) as cur:
             rows = await cur.fetchall()
@@ -399,9 +414,9 @@ class Store(LifecycleQueries, LeadQueries):
             fresh.append(arrival.message_sid not in seen)
             seen.add(arrival.message_sid)  # the same SID twice in one batch: once
         await self._db.executemany(
-            "INSERT OR IGNORE INTO inbound_messages (message_sid, person_id, payload, "
+            "INSERT INTO inbound_messages (message_sid, person_id, payload, "
             "next_try_at, received_at, updated_at) SELECT ?, id, ?, ?, ?, ? FROM people "
-            "WHERE e164 = ?",
+            "WHERE e164 = ? ON CONFLICT DO NOTHING",
             [
                 (a.message_sid, json.dumps(a.payload, ensure_ascii=False), now, now, now, a.e164)
                 for a, new in zip(arrivals, fresh, strict=True)
@@ -658,7 +673,8 @@ def status_rank(status: str) -> int:
 _KEEP_FURTHEST_STATUS = (
     "status = CASE WHEN excluded.status_rank >= outbound_messages.status_rank "
     "THEN excluded.status ELSE outbound_messages.status END, "
-    "status_rank = MAX(excluded.status_rank, outbound_messages.status_rank), "
+    "status_rank = CASE WHEN excluded.status_rank >= outbound_messages.status_rank "
+    "THEN excluded.status_rank ELSE outbound_messages.status_rank END, "
     "error_code = COALESCE(excluded.error_code, outbound_messages.error_code), "
     "error_message = COALESCE(excluded.error_message, outbound_messages.error_message), "
     "updated_at = excluded.updated_at"
