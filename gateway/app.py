@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway import admin, background, calls, dashboard, whatsapp
 from gateway.crm import CrmOutbox
 from gateway.health import health
+from gateway.instances import Heartbeat
 from gateway.observability import collector_tuned, loop_lag_watched, metrics
 from gateway.persona import load_persona
 from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
@@ -31,7 +32,9 @@ def create_app(settings: Settings) -> web.Application:
         settings, persona=load_persona(settings.persona), prices=_prices(settings)
     )
     app[RUNTIME].holders.register(app[RUNTIME].limits)
-    app.cleanup_ctx.extend([_store_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx, _crm_ctx])
+    app.cleanup_ctx.extend(
+        [_store_ctx, _instance_ctx, _sandbox_ctx, _clients_ctx, _summaries_ctx, _crm_ctx]
+    )
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     calls.setup(app, settings.call_claim_timeout_s)
@@ -71,6 +74,22 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("store open at %s (schema v%d)", where, rt.store.schema_version)
     yield
     await rt.store.close()
+
+
+async def _instance_ctx(app: web.Application) -> AsyncIterator[None]:
+    """This instance's name on its queue claims, and its heartbeat (gateway.instances)."""
+    rt = app[RUNTIME]
+    s = rt.settings
+    rt.store.instance_id, rt.store.instance_timeout_s = s.instance_id, s.instance_timeout_s
+    heartbeat = Heartbeat(rt.store, s.instance_timeout_s, lambda: app[whatsapp.WHATSAPP].wake())
+    await heartbeat.beat()  # before the queue worker starts: it looks at who is alive
+    log.info("instance %s, media streams at %s", s.instance_id, rt.signatures.stream_url())
+    async with background.running("heartbeat", heartbeat.run()):
+        yield
+    try:
+        await rt.store.instance_gone()
+    except Exception as err:
+        log.warning("instance row not removed (%s); others wait out its timeout", err)
 
 
 async def _sandbox_ctx(app: web.Application) -> AsyncIterator[None]:

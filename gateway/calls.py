@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -626,7 +627,7 @@ async def voice_webhook(request: web.Request) -> web.Response:
         call_sid = check_voice_call(form, rt.twilio_account_sid)
     except BadFields as err:
         return _bad_fields(err)
-    caller = str(form.get("From", ""))
+    caller, called = str(form.get("From", "")), _number_or_none(str(form.get("To", "")))
     registry = request.app[REGISTRY]
     with correlated(f"call={call_sid}"):  # inherited by the call's upstream task
         if registry.known(call_sid):
@@ -635,15 +636,15 @@ async def voice_webhook(request: web.Request) -> web.Response:
             # Twilio retrying a webhook whose answer it lost: the same stream, the same
             # token, so the one parked session is claimed once, by whichever answer is used.
             log.info("call asked for again while parked: same stream")
-            return _xml(_twiml(rt, caller, call_sid, token))
+            return _xml(_twiml(rt, caller, called, call_sid, token))
         if (problem := registry.capacity_problem()) is not None:
             return _at_capacity(rt, problem)
         call = LiveCall(rt, call_sid, None, None)
-        call.called = _number_or_none(str(form.get("To", "")))
+        call.called = called
         token = registry.park(call)  # before any await: a repeat now finds it parked
         if not await _answer(rt, registry, call, caller):
             return _say_and_hang_up(rt, "over_budget_say")
-    return _xml(_twiml(rt, caller, call_sid, token))
+    return _xml(_twiml(rt, caller, called, call_sid, token))
 
 
 async def _answer(rt: Runtime, registry: CallRegistry, call: LiveCall, caller: str) -> bool:
@@ -724,12 +725,14 @@ async def _person(rt: Runtime, caller: str, call_sid: str) -> Person | None:
     return await rt.store.person_for(number)
 
 
-def _twiml(rt: Runtime, caller: str, call_sid: str, token: str) -> str:
+def _twiml(rt: Runtime, caller: str, called: str | None, call_sid: str, token: str) -> str:
     persona = rt.persona
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=rt.signatures.stream_url("/media-stream"))
     stream.parameter(name="caller", value=caller)
+    if called:  # for a stream that lands on another instance (see _adopt)
+        stream.parameter(name="called", value=called)
     stream.parameter(name="callSid", value=call_sid)
     stream.parameter(name="token", value=token)
     response.append(connect)
@@ -748,6 +751,8 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     registry = request.app[REGISTRY]
     call, start = await _wait_for_start(ws, registry)
+    if call is None and start:
+        call = await _adopt(request.app[RUNTIME], registry, start)
     if call is None:
         await ws.close(code=1008, message=b"unknown or used stream token")
         return ws
@@ -783,12 +788,41 @@ async def _wait_for_start(
                 call = None
                 if isinstance(token, str) and isinstance(call_sid, str):
                     call = registry.claim(token, call_sid)
-                if call is None:
-                    log.warning("media stream: start with an unknown or used token refused")
                 return call, data
     except TimeoutError:
         log.warning("media stream: no start within %.0f s", START_TIMEOUT_S)
     return None, {}
+
+
+_CALL_SID = re.compile(r"CA[0-9a-f]{32}")
+
+
+async def _adopt(rt: Runtime, registry: CallRegistry, start: dict[str, Any]) -> LiveCall | None:
+    """A signed stream whose session is not parked here: with several instances, another
+    one answered the webhook (a proxy routed the stream elsewhere, or that instance went
+    away). The call gets a fresh session here, slower to greet, rather than failing. A call
+    this instance knows (parked, live or ended) is not adopted: that is a used token."""
+    body = start.get("start")
+    params = body.get("customParameters") if isinstance(body, dict) else None
+    call_sid = body.get("callSid") if isinstance(body, dict) else None
+    if not isinstance(params, dict) or not _CALL_SID.fullmatch(str(call_sid)):
+        log.warning("media stream: start without a valid callSid refused")
+        return None
+    if registry.known(call_sid) or registry.parked_token(call_sid) is not None:
+        log.warning("media stream: start with an unknown or used token refused")
+        return None
+    if problem := registry.capacity_problem():
+        log.warning("media stream landed here at capacity (%s): refused", problem)
+        return None
+    call = LiveCall(rt, call_sid, None, None)
+    call.called = _number_or_none(str(params.get("called", "")))
+    token = registry.park(call)
+    log.warning("%s: media stream landed here, not where its session waits: a fresh one",
+                call.log_id)  # fmt: skip
+    ERRORS.labels("stream_elsewhere").inc()
+    if not await _answer(rt, registry, call, str(params.get("caller", ""))):
+        return None
+    return registry.claim(token, call_sid)
 
 
 async def _relay(ws: web.WebSocketResponse, call: LiveCall) -> None:

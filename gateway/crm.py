@@ -103,8 +103,14 @@ class CrmOutbox:
         CRM took."""
         delivered = 0
         while due := await self.store.crm_due():
-            for delivery in due:
-                delivered += await self._deliver(http, delivery)
+            left = [d.id for d in due]
+            try:
+                for delivery in due:
+                    delivered += await self._deliver(http, delivery)
+                    left.remove(delivery.id)
+            except asyncio.CancelledError:  # stopping: the leases go back, for the next start
+                await asyncio.shield(self.store.crm_release(left))
+                raise
         CRM_OUTBOX_PENDING.set((await self.store.crm_outbox_counts()).pending)
         return delivered
 

@@ -22,6 +22,7 @@ def health_report(rt: Runtime, store_ok: bool) -> dict[str, Any]:
         "status": "ok" if store_ok else "degraded",
         "version": __version__,
         "uptime_s": round(rt.uptime_s, 3),
+        "instance": {"id": rt.settings.instance_id, "stream_url": rt.signatures.stream_url()},
         "store": {"reachable": store_ok},
         "realtime": {
             "backend": rt.realtime_backend,

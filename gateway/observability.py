@@ -30,6 +30,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 
 from gateway import background
 
@@ -297,6 +298,26 @@ async def loop_lag_watched(busy: Callable[[], bool]) -> AsyncIterator[None]:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    from gateway.runtime import RUNTIME
+
+    labelled = InstanceLabelled(request.app[RUNTIME].settings.instance_id)
     return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=generate_latest(labelled),  # type: ignore[arg-type]
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
     )
+
+
+class InstanceLabelled:
+    """The registry's metrics with `instance_id` on every sample: with several instances
+    behind one scrape target (a load balancer), the series stay apart."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in REGISTRY.collect():
+            metric.samples = [
+                sample._replace(labels={**sample.labels, "instance_id": self.instance_id})
+                for sample in metric.samples
+            ]
+            yield metric

@@ -94,7 +94,9 @@ class Runtime:
             from gateway.twilio_api import TwilioSignatures
 
             self._signatures = TwilioSignatures(
-                self.twilio_auth_token, self.settings.public_base_url
+                self.twilio_auth_token,
+                self.settings.public_base_url,
+                self.settings.public_stream_base_url,
             )
         return self._signatures
 

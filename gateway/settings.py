@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,9 @@ class Settings:
     human_transfer_number: str | None = None
     human_whatsapp_number: str | None = None
     crm_retry_s: float = 5.0
+    instance_id: str = "gateway"
+    public_stream_base_url: str = ""  # "": PUBLIC_BASE_URL
+    instance_timeout_s: float = 15.0
 
     @property
     def sandbox_realtime(self) -> bool:
@@ -181,6 +185,13 @@ class Settings:
             human_whatsapp_number=reader.e164("HUMAN_WHATSAPP_NUMBER"),
             # The first retry of a lead the CRM did not take; each next waits twice as long.
             crm_retry_s=reader.number("CRM_RETRY_S", 5.0, 0.01, 600.0),
+            # Several instances on one PostgreSQL store: each names itself (its claims on the
+            # queue carry the name) and may have its own media-stream address, so a call's
+            # stream reaches the instance that pre-opened its session.
+            instance_id=_instance_id(reader.text("INSTANCE_ID", socket.gethostname())),
+            public_stream_base_url=reader.stream_url("PUBLIC_STREAM_BASE_URL"),
+            # A silent instance is presumed dead after this: its claimed messages go to others.
+            instance_timeout_s=reader.number("INSTANCE_TIMEOUT_S", 15.0, 0.5, 3600.0),
         )
 
 
@@ -238,6 +249,17 @@ class _Reader:
             raise SettingsError(name, f"must be one of {', '.join(allowed)}; got {value!r}")
         return value
 
+    def stream_url(self, name: str) -> str:
+        """A websocket base address (http(s) or ws(s)); any path is kept, as a proxy may route
+        by it. "" when unset."""
+        value = self.text(name, "").rstrip("/")
+        if not value:
+            return ""
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc or parts.query:
+            raise SettingsError(name, f"must be an http(s) or ws(s) URL, got {value!r}")
+        return value
+
     def url(self, name: str, default: str, *, origin_only: bool = False) -> str:
         value = self.text(name, default).rstrip("/")
         parts = urlsplit(value)
@@ -256,6 +278,12 @@ def _check_twilio_pair(sid: str | None, token: str | None) -> None:
         )
     if sid and not (sid.startswith("AC") and len(sid) == 34):
         raise SettingsError("TWILIO_ACCOUNT_SID", "must be 'AC' followed by 32 hex characters")
+
+
+def _instance_id(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}", value):
+        raise SettingsError("INSTANCE_ID", "letters, digits and _.:- only, at most 63 characters")
+    return value
 
 
 def _crm_secret(url: str | None, secret: str | None) -> str | None:

@@ -67,8 +67,15 @@ class Summarizer:
         idle_before = datetime.now(UTC) - timedelta(seconds=self.whatsapp_idle_s)
         await self.store.end_idle_conversations("whatsapp", idle_before)
         done = 0
-        for conversation in await self.store.conversations_to_summarize():
-            done += await self.summarize(conversation)
+        claimed = await self.store.conversations_to_summarize()
+        left = [c.id for c in claimed]
+        try:
+            for conversation in claimed:
+                done += await self.summarize(conversation)
+                left.remove(conversation.id)
+        except asyncio.CancelledError:  # stopping: the leases go back, for the next start
+            await asyncio.shield(self.store.release_summaries(left))
+            raise
         return done
 
     async def summarize(self, conversation: ConversationRef) -> bool:

@@ -41,15 +41,22 @@ class TwilioSignatures:
     `PUBLIC_BASE_URL + path`, so the public origin is what we validate against.
     Only the origin of `public_base_url` is used: Twilio signs the path it requested,
     which is `request.raw_path` as long as the proxy does not rewrite paths.
+
+    The media stream is reached at `stream_base_url` (this instance's own address when
+    several run, PUBLIC_STREAM_BASE_URL), else at the public origin. Twilio signs the stream
+    URL our TwiML gave it, so that URL is what a stream's signature is checked against,
+    whatever path a proxy routed it by.
     """
 
-    def __init__(self, auth_token: str, public_base_url: str) -> None:
+    def __init__(self, auth_token: str, public_base_url: str, stream_base_url: str = "") -> None:
         public = urlsplit(public_base_url)
         if public.scheme not in ("http", "https") or not public.netloc:
             raise ValueError("public_base_url must be an absolute http(s) URL")
         self._validator = RequestValidator(auth_token)
         self._origin = f"{public.scheme}://{public.netloc}"
-        self._ws_origin = f"{'wss' if public.scheme == 'https' else 'ws'}://{public.netloc}"
+        stream = urlsplit(stream_base_url or self._origin)
+        secure = stream.scheme in ("https", "wss")
+        self._ws_base = f"{'wss' if secure else 'ws'}://{stream.netloc}{stream.path.rstrip('/')}"
 
     async def form_ok(self, request: web.Request) -> bool:
         """Validate a form webhook (voice, WhatsApp, status callbacks) over ALL its fields.
@@ -75,7 +82,7 @@ class TwilioSignatures:
         if not signature:
             return False
         try:
-            return self._valid(self._ws_origin + request.raw_path, {}, signature)
+            return self._valid(self.stream_url(_last_segment(request.path)), {}, signature)
         except Exception:
             return False
 
@@ -94,7 +101,12 @@ class TwilioSignatures:
 
     def stream_url(self, path: str = "/media-stream") -> str:
         """The `<Stream url>` for TwiML: wss for an https public URL, ws for http."""
-        return self._ws_origin + path
+        return self._ws_base + path
+
+
+def _last_segment(path: str) -> str:
+    """The route's own path (`/media-stream`), whatever prefix a proxy left in front."""
+    return "/" + path.rstrip("/").rsplit("/", 1)[-1]
 
 
 class LocalTwilioHttpClient(AsyncTwilioHttpClient):

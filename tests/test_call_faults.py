@@ -10,6 +10,7 @@ Bounds stated here: a frozen upstream is replaced within REALTIME_STALL_S (1 s i
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -60,10 +61,9 @@ async def a_turn_is_answered(caller: SimulatedCaller, seed: int) -> None:
 async def errors_of_kind(gateway, kind: str) -> float:
     async with aiohttp.ClientSession() as http, http.get(f"{gateway.url}/metrics") as response:
         text = await response.text()
-    for line in text.splitlines():
-        if line.startswith(f'gateway_errors_total{{kind="{kind}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    found = re.search(rf'^gateway_errors_total\{{instance_id="[^"]+",kind="{kind}"\}} (\S+)$',
+                      text, re.M)  # fmt: skip
+    return float(found[1]) if found else 0.0
 
 
 def stored_turns(gateway) -> list[tuple[str, str]]:

@@ -136,5 +136,9 @@ async def test_ten_thousand_random_messages_harm_neither_the_gateway_nor_another
     async with aiohttp.ClientSession() as http, http.get(f"{gateway.url}/health") as response:
         assert response.status == 200
         metrics = await (await http.get(f"{gateway.url}/metrics")).text()
-    [line] = [x for x in metrics.splitlines() if x.startswith('gateway_errors_total{kind="twilio_')]
+    [line] = [
+        x
+        for x in metrics.splitlines()
+        if x.startswith("gateway_errors_total{") and 'kind="twilio_' in x
+    ]
     assert float(line.split()[-1]) >= unusable > 0  # each logged once at most, all counted

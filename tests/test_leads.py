@@ -278,9 +278,13 @@ async def test_a_lead_reaches_the_crm_signed_and_an_update_goes_again_in_order(
     assert row.crm_status == "delivered"
     _, body, _ = await admin_get(gateway, "/metrics", None)
     metrics = body.decode()
-    assert re.search(r'gateway_leads_saved_total\{channel="call"\} [1-9]', metrics)
-    assert re.search(r'gateway_crm_deliveries_total\{outcome="delivered"\} [1-9]', metrics)
-    assert "gateway_crm_outbox_pending 0.0" in metrics
+    assert re.search(
+        r'gateway_leads_saved_total\{channel="call",instance_id="[^"]+"\} [1-9]', metrics
+    )
+    assert re.search(
+        r'gateway_crm_deliveries_total\{instance_id="[^"]+",outcome="delivered"\} [1-9]', metrics
+    )
+    assert re.search(r'gateway_crm_outbox_pending\{instance_id="[^"]+"\} 0.0', metrics)
     assert_logs_safe(caplog, ANA, "Imobiliária Sol", "quer lançar", receiver.url)
 
 

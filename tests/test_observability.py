@@ -2,6 +2,7 @@ import asyncio
 import gc
 import io
 import logging
+import socket
 
 import aiohttp
 import orjson
@@ -26,10 +27,13 @@ async def scrape(url: str) -> dict[str, float]:
         assert resp.status == 200
         text = await resp.text()
     values = {}
+    instances = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            instances.add(sample.labels.pop("instance_id", None))
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             values[f"{sample.name}{{{labels}}}"] = sample.value
+    assert instances == {socket.gethostname()}  # INSTANCE_ID's default, on every sample
     return values
 
 

@@ -187,6 +187,8 @@ p.alert { color: var(--bad); font-weight: 600; }
         hh.store.reachable ? "good" : "bad"),
       card("Realtime", `${hh.realtime.backend} · ${hh.realtime.model} · ${hh.realtime.voice}`),
       card("Twilio", hh.twilio.backend),
+      card("Instância", hh.instance.id),
+      card("Instâncias no ar", (hh.instances || []).map((i) => i.id).join(", ") || "—"),
       card("No ar há", clock(hh.uptime_s)),
       card("Versão", hh.sandbox ? [hh.version, " ", h("span", { class: "badge" }, "sandbox")]
                                 : hh.version),
@@ -330,7 +332,7 @@ p.alert { color: var(--bad); font-weight: 600; }
   }
 
   function renderAll(snap) {
-    draw("health", snap.health, renderHealth);
+    draw("health", { ...snap.health, instances: snap.instances }, renderHealth);
     draw("latency", snap.latency, renderLatency);
     draw("limits", snap.limits, renderLimits);
     draw("leads", snap.leads, renderLeads);

@@ -44,15 +44,18 @@ async def build(app: web.Application) -> dict[str, Any]:
     samples = LatencySamples([], [], [])
     lead_rows: list[LeadRow] = []
     outbox = OutboxCounts(0, 0, 0)
+    instances: list[dict[str, Any]] = []
     if store_ok:
         assert store is not None
         people, samples = await _from_store(store)
         lead_rows, outbox = await store.leads(LATEST_LEADS), await store.crm_outbox_counts()
+        instances = await store.live_instances()
     registry = app.get(REGISTRY)
     calls = registry.snapshot() if registry is not None else []
     return {
         "generated_at": utcnow(),
         "health": health_report(rt, store_ok),
+        "instances": instances,
         "live_calls": [live_call(c) for c in calls],
         "latency": latency(samples),
         "people": [person(p) for p in people],

@@ -10,6 +10,7 @@ down loses nothing and the receiver gets one body per save, in order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,9 @@ def _stamp(at: datetime) -> str:
 
 # An outbox row (alias o) still to be sent, and one not held back behind an earlier unsent
 # row of its lead: a lead's saves reach the CRM in the order they were made.
+# A delivery takes at most the CRM request's timeout; an instance that dies mid-delivery
+# frees the row after this.
+CRM_LEASE_S = 60.0
 _PENDING = "o.delivered_at IS NULL AND o.next_attempt_at IS NOT NULL"
 _FIRST_OF_ITS_LEAD = (
     "NOT EXISTS (SELECT 1 FROM crm_outbox e WHERE e.lead_id = o.lead_id "
@@ -113,6 +117,7 @@ _LEAD_ROWS = (
 
 class LeadQueries:
     _db: Connection
+    _skip_locked: Callable[[str], str]  # the store's
     # Set when CRM_WEBHOOK_URL is (gateway/app.py): each save is then queued for the CRM.
     # Without a CRM nothing is queued; the leads table and /admin/leads.csv are the record.
     leads_to_crm: bool = False
@@ -180,17 +185,30 @@ class LeadQueries:
         return [LeadRow(**{name: row[name] for name in _LEAD_ROW_FIELDS}) for row in rows]
 
     # the CRM outbox
-    async def crm_due(self, limit: int = 20) -> list[Delivery]:
-        """Outbox rows due now, oldest first; a row waits while an earlier one of its lead
-        is unsent."""
+    async def crm_due(self, limit: int = 20, lease_s: float = CRM_LEASE_S) -> list[Delivery]:
+        """Claim outbox rows due now, oldest first; a row waits while an earlier one of its
+        lead is unsent. Each is leased for `lease_s` (its retry time if this instance dies
+        mid-delivery), so with several instances a delivery is made by one."""
+        now = _now()
         async with self._db.execute(
-            "SELECT o.id, o.lead_id, o.body, o.attempts, o.created_at FROM crm_outbox o "
+            "UPDATE crm_outbox SET next_attempt_at = ? WHERE id IN (SELECT o.id FROM crm_outbox o "
             f"WHERE {_PENDING} AND o.next_attempt_at <= ? AND {_FIRST_OF_ITS_LEAD} "
-            "ORDER BY o.id LIMIT ?",
-            (_stamp(_now()), limit),
+            f"ORDER BY o.id LIMIT ?{self._skip_locked('o')}) "
+            "RETURNING id, lead_id, body, attempts, created_at",
+            (_stamp(now + timedelta(seconds=lease_s)), _stamp(now), limit),
         ) as cur:
-            rows = await cur.fetchall()
+            rows = sorted(await cur.fetchall(), key=lambda r: r[0])
         return [Delivery(r[0], r[1], r[2].encode(), r[3], r[4]) for r in rows]
+
+    async def crm_release(self, delivery_ids: list[int]) -> None:
+        """Claimed rows not tried after all (a stop): due again now, not after the lease."""
+        if delivery_ids:
+            marks = ", ".join("?" * len(delivery_ids))
+            await self._db.execute(
+                f"UPDATE crm_outbox SET next_attempt_at = ? WHERE id IN ({marks}) "
+                "AND delivered_at IS NULL AND next_attempt_at IS NOT NULL",
+                (_stamp(_now()), *delivery_ids),
+            )
 
     async def crm_next_due(self) -> datetime | None:
         """When the earliest sendable outbox row falls due (None: nothing to send)."""

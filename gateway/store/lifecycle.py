@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+# A summary takes seconds; an instance that dies holding a conversation frees it after this.
+SUMMARY_LEASE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ _PERSON_ROWS: dict[str, tuple[str, str, str]] = {
 
 class LifecycleQueries:
     _db: Connection
+    _skip_locked: Callable[[str], str]  # the store's
 
     # summaries
     async def end_idle_conversations(self, channel: str, idle_before: datetime) -> int:
@@ -69,16 +75,39 @@ class LifecycleQueries:
         )
         return cur.rowcount
 
-    async def conversations_to_summarize(self, limit: int = 20) -> list[ConversationRef]:
+    async def conversations_to_summarize(
+        self, limit: int = 20, lease_s: float = SUMMARY_LEASE_S
+    ) -> list[ConversationRef]:
+        """Claim ended conversations due a summary, oldest ended first: each is leased to
+        this instance for `lease_s` (its retry time if the instance dies), so with several
+        instances each conversation is summarised once. A person's conversation waits while
+        an earlier one of theirs is leased: their summary is rewritten by one at a time."""
+        now = datetime.now(UTC)
+        stamp = now.isoformat(timespec="milliseconds")
+        lease = (now + timedelta(seconds=lease_s)).isoformat(timespec="milliseconds")
         async with self._db.execute(
-            "SELECT id, person_id, channel, summary_attempts FROM conversations "
-            "WHERE ended_at IS NOT NULL AND summarized_at IS NULL "
-            "AND (summary_next_try_at IS NULL OR summary_next_try_at <= ?) "
-            "ORDER BY ended_at LIMIT ?",
-            (_now(), limit),
+            "UPDATE conversations SET summary_next_try_at = ? WHERE id IN (SELECT c.id "
+            "FROM conversations c WHERE c.ended_at IS NOT NULL AND c.summarized_at IS NULL "
+            "AND (c.summary_next_try_at IS NULL OR c.summary_next_try_at <= ?) "
+            "AND NOT EXISTS (SELECT 1 FROM conversations e WHERE e.person_id = c.person_id "
+            "AND e.id < c.id AND e.ended_at IS NOT NULL AND e.summarized_at IS NULL "
+            f"AND e.summary_next_try_at > ?) ORDER BY c.ended_at LIMIT ?{self._skip_locked('c')}) "
+            "RETURNING id, person_id, channel, summary_attempts, ended_at",
+            (lease, stamp, stamp, limit),
         ) as cur:
             rows = await cur.fetchall()
+        rows = sorted(rows, key=lambda r: (r[4], r[0]))  # RETURNING keeps no order
         return [ConversationRef(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def release_summaries(self, conversation_ids: list[int]) -> None:
+        """Claimed conversations not summarised after all (a stop): due again now."""
+        if conversation_ids:
+            marks = ", ".join("?" * len(conversation_ids))
+            await self._db.execute(
+                f"UPDATE conversations SET summary_next_try_at = ? WHERE id IN ({marks}) "
+                "AND summarized_at IS NULL",
+                (_now(), *conversation_ids),
+            )
 
     async def conversation_turns(self, conversation_id: int) -> list[Turn]:
         from gateway.store.store import Turn

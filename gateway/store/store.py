@@ -31,6 +31,17 @@ _NOT_HELD_BACK = (
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
+# A processing row (alias m) whose claimer is presumed dead: another instance, not seen
+# within INSTANCE_TIMEOUT_S. Parameters: our instance id, the alive-after moment.
+_CLAIMER_GONE = (
+    "(m.claimed_by IS NOT NULL AND m.claimed_by <> ? AND NOT EXISTS (SELECT 1 FROM instances i "
+    "WHERE i.id = m.claimed_by AND i.seen_at > ?))"
+)
+# An outcome is written only by the claim's holder: an instance presumed dead that wakes up
+# (a long pause) must not overwrite what the instance that took over is doing.
+_STILL_OURS = "(claimed_by IS NULL OR claimed_by = ?)"
+
+
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -77,6 +88,10 @@ class Store(LifecycleQueries, LeadQueries):
     def __init__(self, db: Connection | PgConnection, schema_version: int) -> None:
         self._db = db
         self.schema_version = schema_version
+        # Set by the app (INSTANCE_ID, INSTANCE_TIMEOUT_S): queue claims carry the name, and
+        # a claim whose instance has not been seen for the timeout is presumed dead.
+        self.instance_id = "local"
+        self.instance_timeout_s = 15.0
 
     @property
     def dialect(self) -> str:
@@ -274,31 +289,69 @@ class Store(LifecycleQueries, LeadQueries):
             for r in rows
         ]  # fmt: skip
 
+    # instances (several gateways on one PostgreSQL store)
+    def _alive_after(self) -> str:
+        """Instances seen after this moment are alive."""
+        gone = datetime.now(UTC) - timedelta(seconds=self.instance_timeout_s)
+        return gone.isoformat(timespec="milliseconds")
+
+    async def heartbeat(self, started_at: str) -> None:
+        """This instance is alive (every third of INSTANCE_TIMEOUT_S)."""
+        await self._db.execute(
+            "INSERT INTO instances (id, started_at, seen_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET started_at = excluded.started_at, "
+            "seen_at = excluded.seen_at",
+            (self.instance_id, started_at, utcnow()),
+        )
+
+    async def instance_gone(self) -> None:
+        """A clean stop: this instance's cut-off claims go to the others at once."""
+        await self._db.execute("DELETE FROM instances WHERE id = ?", (self.instance_id,))
+
+    async def live_instances(self) -> list[dict[str, Any]]:
+        async with self._db.execute(
+            "SELECT id, started_at, seen_at FROM instances WHERE seen_at > ? ORDER BY id",
+            (self._alive_after(),),
+        ) as cur:
+            return [dict(row) for row in await cur.fetchall()]
+
     # the durable inbound queue
     async def claim_inbound(self, stale_after_s: float = 300.0) -> InboundMessage | None:
-        """Claim the oldest ready message: pending and due, or processing for too long (a crash);
-        never one held back behind an earlier unfinished message of its person."""
+        """Claim the oldest ready message for this instance: pending and due, or processing
+        by an instance presumed dead, or for too long (a hung worker); never one held back
+        behind an earlier unfinished message of its person.
+
+        On PostgreSQL the row is locked as it is chosen and rows other instances are claiming
+        are skipped; a person's later message is held back by the earlier one whether that
+        one is being claimed (still pending to others) or claimed, so order holds across
+        instances without a lock of our own."""
         now = datetime.now(UTC)
         stale = (now - timedelta(seconds=stale_after_s)).isoformat(timespec="milliseconds")
         stamp = now.isoformat(timespec="milliseconds")
         async with self._db.execute(
             "UPDATE inbound_messages SET status = 'processing', attempts = attempts + 1, "
-            "updated_at = ? WHERE message_sid = (SELECT m.message_sid FROM inbound_messages m "
+            "updated_at = ?, claimed_by = ? WHERE id = (SELECT m.id FROM inbound_messages m "
             "WHERE ((m.status = 'pending' AND m.next_try_at <= ?) "
-            f"OR (m.status = 'processing' AND m.updated_at <= ?)) AND {_NOT_HELD_BACK} "
-            "ORDER BY m.received_at, m.id LIMIT 1) "
+            f"OR (m.status = 'processing' AND (m.updated_at <= ? OR {_CLAIMER_GONE}))) "
+            f"AND {_NOT_HELD_BACK} ORDER BY m.received_at, m.id LIMIT 1{self._skip_locked('m')}) "
             "RETURNING *",
-            (stamp, stamp, stale),
+            (stamp, self.instance_id, stamp, stale, self.instance_id, self._alive_after()),
         ) as cur:
             row = await cur.fetchone()
         return None if row is None else _inbound(row)
 
+    def _skip_locked(self, alias: str) -> str:
+        """PostgreSQL's row lock for a claim; SQLite has one writer and no such clause."""
+        return f" FOR UPDATE OF {alias} SKIP LOCKED" if self.dialect == "postgresql" else ""
+
     async def release_stale_processing(self) -> int:
-        """At start-up nothing is in flight, so any 'processing' row was cut off by a crash."""
+        """At start-up: this instance's claims were cut off by its crash, and so were those
+        of instances presumed dead (and claims made before instances were named)."""
         cur = await self._db.execute(
-            "UPDATE inbound_messages SET status = 'pending', updated_at = ? "
-            "WHERE status = 'processing'",
-            (utcnow(),),
+            "UPDATE inbound_messages AS m SET status = 'pending', claimed_by = NULL, "
+            "updated_at = ? WHERE m.status = 'processing' AND (m.claimed_by IS NULL "
+            f"OR m.claimed_by = ? OR {_CLAIMER_GONE})",
+            (utcnow(), self.instance_id, self.instance_id, self._alive_after()),
         )
         return cur.rowcount
 
@@ -316,9 +369,16 @@ class Store(LifecycleQueries, LeadQueries):
                 now.isoformat(timespec="milliseconds"),
             )
         await self._db.execute(
-            "UPDATE inbound_messages SET status = ?, error = ?, next_try_at = ?, updated_at = ? "
-            "WHERE message_sid = ?",
-            (status, error, next_try, now.isoformat(timespec="milliseconds"), message_sid),
+            "UPDATE inbound_messages SET status = ?, error = ?, next_try_at = ?, updated_at = ?, "
+            f"claimed_by = NULL WHERE message_sid = ? AND {_STILL_OURS}",
+            (
+                status,
+                error,
+                next_try,
+                now.isoformat(timespec="milliseconds"),
+                message_sid,
+                self.instance_id,
+            ),
         )
 
     async def defer_inbound(self, message_sid: str, delay_s: float, reason: str) -> None:
@@ -328,12 +388,14 @@ class Store(LifecycleQueries, LeadQueries):
         await self._db.execute(
             "UPDATE inbound_messages SET status = 'pending', "
             "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, error = ?, "
-            "next_try_at = ?, updated_at = ? WHERE message_sid = ?",
+            f"next_try_at = ?, updated_at = ?, claimed_by = NULL WHERE message_sid = ? "
+            f"AND {_STILL_OURS}",
             (
                 reason,
                 (now + timedelta(seconds=delay_s)).isoformat(timespec="milliseconds"),
                 now.isoformat(timespec="milliseconds"),
                 message_sid,
+                self.instance_id,
             ),
         )
 
