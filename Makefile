@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format call whatsapp bench clean
+.PHONY: run test test-postgres lint format call whatsapp bench clean
 
 run: $(VENV)/.deps
 	$(BIN)/python -m gateway
@@ -14,6 +14,11 @@ test: $(VENV)/.deps
 	$(BIN)/ruff format --check .
 	@$(BIN)/python -c 'import os; from tests.pg import find_bin_dir as f; d = "TEST_DATABASE_URL" if os.environ.get("TEST_DATABASE_URL") else f(); print("PostgreSQL tests: " + (f"on {d}" if d else "SKIPPED (no initdb/pg_ctl; install postgresql or set TEST_DATABASE_URL)"))'
 	$(BIN)/pytest -q
+
+# Every test on PostgreSQL alone (make test runs the store, queue, memory and WhatsApp
+# suites on both stores, and the two-instance kill test).
+test-postgres: $(VENV)/.deps
+	TEST_STORE=postgres $(BIN)/pytest -q
 
 lint: $(VENV)/.deps
 	$(BIN)/ruff check --fix .
