@@ -194,3 +194,20 @@ async def test_the_public_read_helper_only_reads(store):
     with pytest.raises(ValueError):
         await store.rows("DELETE FROM people")
     assert len(await store.rows("SELECT id FROM people")) == 1
+
+
+async def test_a_write_beside_a_read_never_finds_the_database_locked(database_url):
+    """The webhook intake writes on a connection of its own; the worker's store reads and
+    writes on another. A read left open across an await pinned its snapshot, and the next
+    write on that connection failed "database is locked" (found by bench_whatsapp)."""
+    main, intake = await Store.open(database_url), await Store.open(database_url)
+    try:
+        ana = await main.person_for("+5516999990001")
+        async with main._db.execute("SELECT id FROM people") as cur:
+            await intake.person_for("+5516999990002")  # commits meanwhile
+            await main.set_summary(ana.id, "Corretor em Ribeirão Preto")
+            assert [row[0] for row in await cur.fetchall()] == [ana.id]
+        assert (await main.person_by_id(ana.id)).summary == "Corretor em Ribeirão Preto"
+    finally:
+        await main.close()
+        await intake.close()

@@ -128,13 +128,33 @@ class Connection:
                 self._drained.set()
 
 
+class Rows:
+    """A fetched result with the cursor methods the store uses: every row is read inside the
+    statement's turn and the cursor closed, so no read stays open across the caller's awaits
+    (an open SQLite read would pin its snapshot, and the next write on this connection would
+    fail "database is locked" once the intake's connection had committed meanwhile)."""
+
+    def __init__(self, records: list[Any]) -> None:
+        self._records = records
+        self._next = 0
+        self.rowcount = len(records)
+
+    async def fetchone(self) -> Any | None:
+        if self._next >= len(self._records):
+            return None
+        self._next += 1
+        return self._records[self._next - 1]
+
+    async def fetchall(self) -> list[Any]:
+        rest, self._next = self._records[self._next :], len(self._records)
+        return rest
+
+
 class _Statement:
     """`await conn.execute(...)` runs a write; `async with conn.execute(...) as cur` reads."""
 
     def __init__(self, conn: Connection, sql: str, args: tuple[Any, ...]) -> None:
         self._conn, self._sql, self._args = conn, sql, args
-        self._turn: contextlib.AbstractAsyncContextManager[None] | None = None
-        self._cursor: aiosqlite.Cursor | None = None
 
     def __await__(self) -> Generator[Any, None, Done]:
         return self._run().__await__()
@@ -147,19 +167,11 @@ class _Statement:
             await cursor.close()
             return done
 
-    async def __aenter__(self) -> aiosqlite.Cursor:
-        self._turn = self._conn._turn()
-        await self._turn.__aenter__()
-        try:
-            self._cursor = await self._conn.db.execute(self._sql, self._args)
-        except BaseException as err:
-            await self._turn.__aexit__(type(err), err, err.__traceback__)
-            raise
-        return self._cursor
+    async def __aenter__(self) -> Rows:
+        async with self._conn._turn():
+            with _erasure_named():
+                async with self._conn.db.execute(self._sql, self._args) as cursor:
+                    return Rows(list(await cursor.fetchall()))
 
     async def __aexit__(self, *exc: Any) -> None:
-        assert self._turn is not None and self._cursor is not None
-        try:
-            await self._cursor.close()
-        finally:
-            await self._turn.__aexit__(*exc)
+        return None

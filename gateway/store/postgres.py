@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.store.connection import Done, Erased
+from gateway.store.connection import Done, Erased, Rows
 
 _POOL_SIZE = 10
 _STATEMENT_TIMEOUT_S = 30.0
@@ -75,25 +75,6 @@ def _rowcount(status: str) -> int:
     """asyncpg reports a write as its command tag: "UPDATE 3", "INSERT 0 1", "DELETE 0"."""
     last = status.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
-
-
-class Rows:
-    """A fetched result with the cursor methods the store uses."""
-
-    def __init__(self, records: list[asyncpg.Record]) -> None:
-        self._records = records
-        self._next = 0
-        self.rowcount = len(records)
-
-    async def fetchone(self) -> asyncpg.Record | None:
-        if self._next >= len(self._records):
-            return None
-        self._next += 1
-        return self._records[self._next - 1]
-
-    async def fetchall(self) -> list[asyncpg.Record]:
-        rest, self._next = self._records[self._next :], len(self._records)
-        return rest
 
 
 class PgConnection:
