@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.runtime import RUNTIME, Runtime
@@ -193,3 +195,16 @@ def live_env(realtime_sim: RealtimeSimulator, twilio_sim: TwilioSimulator) -> di
 @pytest.fixture
 async def gateway(start_gateway: GatewayFactory, live_env: dict[str, str]) -> RunningGateway:
     return await start_gateway(live_env)
+
+
+async def metric_value(base_url: str, name: str, **labels: str) -> float:
+    """One sample of `/metrics` (0 when absent), matched on the labels given; the label
+    every sample carries (`instance_id`) need not be named."""
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found = {k: v for k, v in sample.labels.items() if k != "instance_id"}
+            if sample.name == name and found == labels:
+                return sample.value
+    return 0.0

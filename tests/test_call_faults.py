@@ -10,18 +10,16 @@ Bounds stated here: a frozen upstream is replaced within REALTIME_STALL_S (1 s i
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import pytest
 
 from gateway.calls import REGISTRY
 from simulators.caller import SimulatedCaller
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, metric_value
 from tests.store_helpers import open_db
 
 PUBLIC = "https://gw.example.test"
@@ -59,11 +57,7 @@ async def a_turn_is_answered(caller: SimulatedCaller, seed: int) -> None:
 
 
 async def errors_of_kind(gateway, kind: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    found = re.search(rf'^gateway_errors_total\{{instance_id="[^"]+",kind="{kind}"\}} (\S+)$',
-                      text, re.M)  # fmt: skip
-    return float(found[1]) if found else 0.0
+    return await metric_value(gateway.url, "gateway_errors_total", kind=kind)
 
 
 def stored_turns(gateway) -> list[tuple[str, str]]:

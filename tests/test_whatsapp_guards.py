@@ -22,7 +22,13 @@ from gateway.whatsapp import STATUS_PATH, WEBHOOK_PATH
 from simulators.realtime import RealtimeSimulator
 from simulators.twilio import TwilioSimulator
 from simulators.whatsapp_sender import WhatsAppSender
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, GatewayFactory, RunningGateway
+from tests.conftest import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    GatewayFactory,
+    RunningGateway,
+    metric_value,
+)
 from tests.store_helpers import inbound_record, wait_settled
 from tests.test_whatsapp import fixed_reply
 
@@ -51,12 +57,7 @@ class Guarded:
             return await wait_settled(self.gateway.runtime.store, message_sid)
 
     async def errors(self, kind: str) -> float:
-        url = f"{self.gateway.url}/metrics"
-        async with aiohttp.ClientSession() as http, http.get(url) as response:
-            text = await response.text()
-        prefix = f'gateway_errors_total{{kind="{kind}"}}'
-        lines = (line for line in text.splitlines() if line.startswith(prefix))
-        return next((float(line.split()[-1]) for line in lines), 0.0)
+        return await metric_value(self.gateway.url, "gateway_errors_total", kind=kind)
 
 
 @pytest.fixture
