@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import takewhile
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -46,7 +46,7 @@ from gateway.phones import mask_number, normalize_number
 from gateway.privacy import note_erasure_request
 from gateway.runtime import RUNTIME, Runtime
 from gateway.store import Erased, InboundMessage
-from gateway.store.store import Arrival, WhatsAppReply
+from gateway.store.store import CREATING, Arrival, WhatsAppReply
 from gateway.transcode import AudioDecodeError, decode_to_pcm24k
 from gateway.twilio_api import media_auth_allowed, signature_refused
 from gateway.twilio_fields import BadFields, check_message_status, check_whatsapp_message
@@ -75,6 +75,8 @@ DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10)
 MEDIA_SCHEMES = ("http", "https")
 READ_CHUNK = 64 * 1024
 OUTSIDE_WINDOW = 63016
+CLOCK_SKEW = timedelta(seconds=30)  # ours against Twilio's date_created (whole seconds)
+LOOKBACK_MESSAGES = 20  # a reply is a few parts; a person is answered one message at a time
 WAIT_NOTICE_PART = -1  # "I'll answer shortly", sent before the reply's parts (0, 1, ...)
 # Messages without media that are not text either: the persona's "unsupported" reply.
 NOT_TEXT_TYPES = ("location", "contacts", "sticker", "interactive", "reaction")
@@ -318,6 +320,13 @@ def split_text(text: str, limit: int) -> list[str]:
     return [*chunks, text] if text else chunks
 
 
+def _same_content(message: Any, part: Part) -> bool:
+    """A Twilio message resource carrying this part (Twilio keeps no copy of a MediaUrl)."""
+    if part.kind == "text":
+        return message.body == part.body
+    return not message.body and int(message.num_media or 0) > 0
+
+
 def _retryable(status: int | None) -> bool:
     return status is None or status == 429 or status >= 500
 
@@ -452,8 +461,7 @@ class WhatsAppChannel:
 
     async def _tell_to_wait(self, inbound: Inbound) -> None:
         """Once per wait, recorded with the message so a restart does not say it twice."""
-        sent = await self.rt.store.outbound_for(inbound.message_sid)
-        if any(o.part == WAIT_NOTICE_PART for o in sent):
+        if WAIT_NOTICE_PART in await self._parts_sent(inbound):
             return
         notice = Part("text", body=self.rt.persona.messages["rate_limited"])
         await self._send_part(inbound, WAIT_NOTICE_PART, notice)
@@ -555,11 +563,16 @@ class WhatsAppChannel:
     # step 5: send
     async def _send(self, inbound: Inbound, reply: WhatsAppReply) -> None:
         parts = reply_parts(reply, self.rt.settings.public_base_url)
-        sent = {o.part for o in await self.rt.store.outbound_for(inbound.message_sid)}
+        sent = await self._parts_sent(inbound)
         for index, part in enumerate(parts):
             if index not in sent:  # a resumed message skips what already went out
                 self._still_here(inbound)
                 await self._send_part(inbound, index, part)
+
+    async def _parts_sent(self, inbound: Inbound) -> set[int]:
+        """Parts whose outcome is recorded; one only begun may or may not be at Twilio."""
+        outbound = await self.rt.store.outbound_for(inbound.message_sid)
+        return {o.part for o in outbound if o.status != CREATING}
 
     async def _send_part(self, inbound: Inbound, index: int, part: Part) -> None:
         sid = inbound.message_sid
@@ -590,7 +603,24 @@ class WhatsAppChannel:
 
     async def _create_and_record(self, inbound: Inbound, index: int, part: Part) -> None:
         sid = inbound.message_sid
-        created = await self._create_message(inbound, part)
+        begun = await self.rt.store.begin_outbound(sid, index, part.kind)
+        created = await self._created_before(inbound, part, begun) if begun else None
+        if created is not None:
+            log.warning(
+                "whatsapp %s: %s part %d was already at Twilio as %s (its answer was lost); "
+                "not sent again",
+                sid,
+                part.kind,
+                index,
+                created.sid,
+            )
+        else:
+            try:
+                created = await self._create_message(inbound, part)
+            except (TwilioRestException, TwilioServiceException):
+                # An answer, if an error: Twilio created nothing, so nothing to look for.
+                await self.rt.store.forget_outbound(sid, index)
+                raise
         try:
             await self.rt.store.record_outbound(
                 sid, index, part.kind, message_sid=created.sid, status=str(created.status)
@@ -599,6 +629,24 @@ class WhatsAppChannel:
             log.info("whatsapp %s: sent as %s, not recorded: person erased", sid, created.sid)
             return
         log.info("whatsapp %s: %s part %d sent as %s", sid, part.kind, index, created.sid)
+
+    async def _created_before(self, inbound: Inbound, part: Part, begun: str) -> Any | None:
+        """The message an earlier attempt at this part created, if Twilio has one: from us to
+        this person, created since that attempt began, with the part's content, and not
+        recorded as another part. Twilio takes no idempotency key on a create, so after a
+        lost answer or a dead instance this read is what keeps a part from going out twice."""
+        since = datetime.fromisoformat(begun) - CLOCK_SKEW
+        recent = await self.rt.twilio.messages.list_async(
+            to=inbound.sender, from_=inbound.recipient, limit=LOOKBACK_MESSAGES
+        )
+        for message in reversed(recent):  # newest first from Twilio: the earliest match wins
+            if message.date_created is not None and message.date_created < since:
+                continue
+            if _same_content(message, part) and not await self.rt.store.outbound_recorded(
+                message.sid
+            ):
+                return message
+        return None
 
     async def _create_message(self, inbound: Inbound, part: Part) -> Any:
         content: dict[str, Any] = (

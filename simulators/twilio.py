@@ -6,7 +6,8 @@ the signature checks, the media downloader) runs unchanged against it:
 * `POST /2010-04-01/Accounts/{AC}/Messages.json` with Basic auth, Twilio-style errors and a
   Twilio-shaped 201 body; then, in the background, the media at each `MediaUrl` is fetched
   like Twilio does (no auth, redirects followed, WhatsApp type rules) and signed status
-  callbacks are posted to `StatusCallback`.
+  callbacks are posted to `StatusCallback`. `GET` on the same path reads them back, newest
+  first, filtered on `To` and `From` (one page of `PageSize`).
 * Inbound media: `add_media()` returns an `api.twilio.com`-style MediaUrl that needs Basic
   auth and 307-redirects to a second listener (the "CDN", another origin) serving it
   without auth, recording every request so tests can prove credentials never got there.
@@ -21,8 +22,9 @@ the signature checks, the media downloader) runs unchanged against it:
   in-progress, and an accepted hangup or redirect ends the stream as Twilio does (`stop`,
   then the close). The simulator neither fetches a `Url` nor runs the new TwiML; it
   records the `<Dial>` target (`CallUpdate.dial_number`).
-* Failure injection: `fail_next()`, `fail_next_call_update()`, `close_window()` (24 h
-  window, 63016), media 404-first-N.
+* Failure injection: `fail_next()`, `lose_next_answers()` (accepted, then the connection
+  cut before the answer), `fail_next_call_update()`, `close_window()` (24 h window, 63016),
+  media 404-first-N.
 
 `python -m simulators.twilio --port 8766` runs it standalone (the newcomer sandbox).
 """
@@ -404,6 +406,7 @@ class TwilioSimulator:
         self.app = self._build_app()
         self._cdn_app = self._build_cdn_app()
         self._failures: list[_Failure] = []
+        self._lost_answers = 0
         self._call_failures: list[_Failure] = []
         self._closed_windows: dict[str, str] = {}
         self._runners: list[web.AppRunner] = []
@@ -455,6 +458,11 @@ class TwilioSimulator:
         """The next `count` authenticated creates answer `status` with a Twilio error `code`."""
         code = code if code is not None else _DEFAULT_CODE_FOR_STATUS.get(status, 20500)
         self._failures.append(_Failure(status, code, message, count))
+
+    def lose_next_answers(self, count: int = 1) -> None:
+        """The next `count` creates are accepted (the message goes out, callbacks follow) but
+        their answer never arrives: the connection is cut, as a network drop would."""
+        self._lost_answers += count
 
     def fail_next_call_update(
         self, status: int = 500, code: int | None = None, count: int = 1, message: str | None = None
@@ -582,6 +590,7 @@ class TwilioSimulator:
         app = web.Application()
         accounts = f"/{API_VERSION}/Accounts/{{account}}"
         app.router.add_post(f"{accounts}/Messages.json", self._create_message)
+        app.router.add_get(f"{accounts}/Messages.json", self._list_messages)
         app.router.add_get(f"{accounts}/Messages/{{sid}}.json", self._fetch_message)
         app.router.add_get(f"{accounts}/Messages/{{sid}}/Media/{{media}}", self._get_media)
         app.router.add_post(f"{accounts}/Calls/{{sid}}.json", self._update_call)
@@ -634,6 +643,40 @@ class TwilioSimulator:
         if response is None:
             message = self._accept(form, fields)
             response = web.json_response(message.to_json(self._account_path()), status=201)
+        self._record_rest(request, fields, response)
+        if response.status == 201 and self._lost_answers > 0:
+            self._lost_answers -= 1
+            assert request.transport is not None
+            request.transport.abort()  # the client reads a dropped connection, not an answer
+        return response
+
+    async def _list_messages(self, request: web.Request) -> web.Response:
+        """Twilio's read: newest first, filtered on To and From, one page of PageSize."""
+        if (denied := self._gate(request)) is not None:
+            return denied
+        query = request.query
+        to, from_ = query.get("To"), query.get("From")
+        size = min(int(query.get("PageSize", "50")), 1000)
+        found = [
+            m
+            for m in reversed(self.messages)
+            if (to is None or m.to == to) and (from_ is None or m.from_ == from_)
+        ][:size]
+        uri = f"{self._account_path()}/Messages.json"
+        fields = [(k, str(v)) for k, v in query.items()]
+        response = web.json_response(
+            {
+                "messages": [m.to_json(self._account_path()) for m in found],
+                "end": max(len(found) - 1, 0),
+                "first_page_uri": f"{uri}?PageSize={size}&Page=0",
+                "next_page_uri": None,
+                "page": 0,
+                "page_size": size,
+                "previous_page_uri": None,
+                "start": 0,
+                "uri": f"{uri}?PageSize={size}&Page=0",
+            }
+        )
         self._record_rest(request, fields, response)
         return response
 

@@ -231,6 +231,20 @@ async def test_injected_failures(sim, rest):
     assert (await rest.messages.create_async(to=USER, from_=BOT, body="hi")).status == "queued"
 
 
+async def test_a_lost_answer_still_sends_and_the_read_finds_it(sim, rest):
+    other = "whatsapp:+5516999990002"
+    await rest.messages.create_async(to=other, from_=BOT, body="not yours")
+    sim.lose_next_answers()
+    with pytest.raises(aiohttp.ClientError):
+        await rest.messages.create_async(to=USER, from_=BOT, body="first")
+    await rest.messages.create_async(to=USER, from_=BOT, body="second")
+    found = await rest.messages.list_async(to=USER, from_=BOT, limit=20)
+    assert [m.body for m in found] == ["second", "first"]  # newest first, To filtered
+    assert [m.sid for m in found] == [m.sid for m in reversed(sim.messages[1:])]
+    assert all(m.date_created is not None for m in found)
+    assert [m.body for m in await rest.messages.list_async(from_=BOT, limit=1)] == ["second"]
+
+
 async def test_closed_24h_window(sim, rest, gw):
     sim.close_window(USER)
     with pytest.raises(TwilioRestException) as excinfo:

@@ -430,6 +430,22 @@ async def test_twilio_down_past_the_inline_retries_requeues_without_asking_the_m
     assert (record.status, record.attempts) == ("done", 2)
 
 
+async def test_a_part_twilio_took_but_whose_answer_was_lost_is_not_sent_twice(wa):
+    wa.twilio.lose_next_answers(1)  # the text goes out; the gateway reads a dropped connection
+    result = await wa.sender.send_text("Oi")
+    assert await wa.settled(result.message_sid) == "done"
+    text, voice = wa.twilio.messages  # the person gets the reply once
+    assert (text.body, voice.body) == (REPLY, "") and len(voice.media_urls) == 1
+    # Twilio was asked before sending again, and said the text was there.
+    assert [(r.method, r.status) for r in wa.twilio.rest_requests] == [
+        ("POST", 201),
+        ("GET", 200),
+        ("POST", 201),
+    ]
+    outbound = await wa.store.outbound_for(result.message_sid)
+    assert [(o.part, o.message_sid) for o in outbound] == [(0, text.sid), (1, voice.sid)]
+
+
 async def test_a_message_waiting_for_its_retry_is_not_overtaken_by_the_next_one(wa):
     wa.twilio.fail_next(503, count=len(SEND_RETRY_DELAYS_S) + 1)  # the first reply bounces
     first = await wa.sender.send_text("Primeira pergunta")

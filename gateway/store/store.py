@@ -563,6 +563,43 @@ class Store(LifecycleQueries, LeadQueries):
             response_id=row["response_id"],
         )
 
+    async def begin_outbound(self, inbound_sid: str, part: int, kind: str) -> str | None:
+        """Written before Twilio is asked to create one part of a reply. Returns when an
+        earlier attempt at that part began if its outcome was never recorded (the process
+        died, or the answer was lost, after Twilio may have accepted it): look before
+        sending again. `None` for a first attempt."""
+        async with self._db.execute(
+            "SELECT created_at FROM outbound_messages "
+            "WHERE inbound_sid = ? AND part = ? AND status = ?",
+            (inbound_sid, part, CREATING),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return str(row["created_at"])
+        now = utcnow()
+        await self._db.execute(
+            "INSERT INTO outbound_messages (message_sid, inbound_sid, part, kind, status, "
+            "status_rank, created_at, updated_at) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (inbound_sid, part, kind, CREATING, status_rank(CREATING), now, now),
+        )
+        return None
+
+    async def forget_outbound(self, inbound_sid: str, part: int) -> None:
+        """Twilio answered a create with an error: the part is not there, its attempt ends."""
+        await self._db.execute(
+            "DELETE FROM outbound_messages WHERE inbound_sid = ? AND part = ? AND status = ?",
+            (inbound_sid, part, CREATING),
+        )
+
+    async def outbound_recorded(self, message_sid: str) -> bool:
+        """Whether a message Twilio has is already recorded as some reply's part."""
+        async with self._db.execute(
+            "SELECT 1 FROM outbound_messages WHERE message_sid = ? AND inbound_sid IS NOT NULL",
+            (message_sid,),
+        ) as cur:
+            return await cur.fetchone() is not None
+
     async def record_outbound(
         self,
         inbound_sid: str,
@@ -575,30 +612,33 @@ class Store(LifecycleQueries, LeadQueries):
         error_message: str | None = None,
     ) -> None:
         """One part of a reply went to Twilio (or Twilio refused it: no SID, an error code).
+        It replaces the part's `begin_outbound` row.
 
         A status callback may already have created the row by SID; its status is kept when it
         is further along than the create's answer.
         """
         now = utcnow()
-        await self._db.execute(
-            "INSERT INTO outbound_messages (message_sid, inbound_sid, part, kind, status, "
-            "status_rank, error_code, error_message, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(message_sid) DO UPDATE SET "
-            "inbound_sid = excluded.inbound_sid, part = excluded.part, kind = excluded.kind, "
-            + _KEEP_FURTHEST_STATUS,
-            (
-                message_sid,
-                inbound_sid,
-                part,
-                kind,
-                status,
-                status_rank(status),
-                error_code,
-                error_message,
-                now,
-                now,
-            ),
-        )
+        async with self._db.transaction():
+            await self.forget_outbound(inbound_sid, part)
+            await self._db.execute(
+                "INSERT INTO outbound_messages (message_sid, inbound_sid, part, kind, status, "
+                "status_rank, error_code, error_message, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(message_sid) DO UPDATE SET "
+                "inbound_sid = excluded.inbound_sid, part = excluded.part, kind = excluded.kind, "
+                + _KEEP_FURTHEST_STATUS,
+                (
+                    message_sid,
+                    inbound_sid,
+                    part,
+                    kind,
+                    status,
+                    status_rank(status),
+                    error_code,
+                    error_message,
+                    now,
+                    now,
+                ),
+            )
 
     async def update_outbound_status(
         self,
@@ -726,6 +766,9 @@ def _inbound(row: Any) -> InboundMessage:
         row["attempts"],
         row["received_at"],
     )
+
+
+CREATING = "creating"  # not a Twilio status: a part being created, its outcome not yet known
 
 
 def status_rank(status: str) -> int:
