@@ -142,6 +142,8 @@ async def test_two_instances_one_killed_every_message_answered_once_in_order(
     print(f"claims of A taken over by B: {taken_over}")
     stderr_b = (await proc_b.stderr.read()).decode(errors="replace") if proc_b.stderr else ""
     assert "Traceback" not in stderr_b, stderr_b[-3000:]
+    found = stderr_b.count("was already at Twilio")
+    print(f"parts B found already sent by A, and did not send again: {found}")
 
 
 def tags_answered(twilio_sim) -> set[str]:
