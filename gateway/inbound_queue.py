@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
 # Longest sleep without news, a safety net should a wake-up ever be missed; not a poll.
 MAX_IDLE_WAIT_S = 60.0
-# A single process releases its own stale rows at start, so 'processing' rows are only
-# re-claimed after this long (never while a slow reply is still in flight).
+# An instance's claims are released when it starts again or taken over when its heartbeat
+# stops (INSTANCE_TIMEOUT_S); a claim of a live instance is taken over only after this long,
+# for a hung worker (never while a slow reply is still in flight).
 STALE_AFTER_S = 3600.0
 
 Handler = Callable[[InboundMessage], Awaitable[None]]

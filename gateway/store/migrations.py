@@ -2,7 +2,7 @@
 
 SQLite replays its whole history (`migrations/`); PostgreSQL starts from one schema script
 at the version it was written for (`migrations/postgres/`), and from then on each migration
-exists in both folders under one number (tests/test_migrations.py holds them to that).
+exists in both folders under one number (tests/test_instances.py holds them to that).
 """
 
 from __future__ import annotations
