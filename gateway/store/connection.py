@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
+
+T = TypeVar("T")
 
 
 class Erased(LookupError):
@@ -35,6 +37,29 @@ def _erasure_named() -> Iterator[None]:
         if "FOREIGN KEY" not in str(err):
             raise
         raise Erased(str(err)) from None
+
+
+BUSY_RETRY_S = (0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # ~4 s, under busy_timeout
+
+
+def _busy(err: sqlite3.OperationalError) -> bool:
+    return getattr(err, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY  # and its kinds
+
+
+async def _retrying_busy(run: Callable[[], Awaitable[T]], in_transaction: bool) -> T:
+    """SQLite may answer SQLITE_BUSY at once instead of calling the busy handler when waiting
+    could deadlock (seen under load: a statement of this connection against the intake's
+    transaction). A statement outside a transaction that failed so wrote nothing: run it
+    again after the other connection's transaction ends. Inside one, BEGIN IMMEDIATE already
+    holds the write lock, and a retry would not be one statement."""
+    for delay in (*BUSY_RETRY_S, None):
+        try:
+            return await run()
+        except sqlite3.OperationalError as err:
+            if in_transaction or delay is None or not _busy(err):
+                raise
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -62,17 +87,26 @@ class Connection:
         return _Statement(self, sql, tuple(args))
 
     async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
-        async with self._turn():
+        rows = [tuple(row) for row in rows]
+
+        async def run() -> None:
             with _erasure_named():
                 await self.db.executemany(sql, rows)
+
+        async with self._turn():
+            await _retrying_busy(run, self._mine())
 
     async def insert(self, sql: str, args: Iterable[Any] = ()) -> int:
         """Run an INSERT (or upsert) and return the id of its row (RETURNING, as PostgreSQL
         does it: lastrowid is wrong for an upsert that updated)."""
-        async with self._turn():
+
+        async def run() -> Any:
             with _erasure_named():
                 async with self.db.execute(sql + " RETURNING id", tuple(args)) as cursor:
-                    row = await cursor.fetchone()
+                    return await cursor.fetchone()
+
+        async with self._turn():
+            row = await _retrying_busy(run, self._mine())
         assert row is not None
         return int(row[0])
 
@@ -161,17 +195,23 @@ class _Statement:
 
     async def _run(self) -> Done:
         async with self._conn._turn():
-            with _erasure_named():
-                cursor = await self._conn.db.execute(self._sql, self._args)
-            done = Done(cursor.rowcount, cursor.lastrowid)
-            await cursor.close()
-            return done
+            return await _retrying_busy(self._write, self._conn._mine())
+
+    async def _write(self) -> Done:
+        with _erasure_named():
+            cursor = await self._conn.db.execute(self._sql, self._args)
+        done = Done(cursor.rowcount, cursor.lastrowid)
+        await cursor.close()
+        return done
 
     async def __aenter__(self) -> Rows:
         async with self._conn._turn():
-            with _erasure_named():
-                async with self._conn.db.execute(self._sql, self._args) as cursor:
-                    return Rows(list(await cursor.fetchall()))
+            return await _retrying_busy(self._read, self._conn._mine())
+
+    async def _read(self) -> Rows:
+        with _erasure_named():
+            async with self._conn.db.execute(self._sql, self._args) as cursor:
+                return Rows(list(await cursor.fetchall()))
 
     async def __aexit__(self, *exc: Any) -> None:
         return None
