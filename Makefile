@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Test processes (pytest-xdist); each starts its own simulators and PostgreSQL cluster.
+WORKERS ?= 3
 
 .PHONY: run test test-postgres lint format call whatsapp bench clean
 
@@ -13,12 +15,12 @@ test: $(VENV)/.deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@$(BIN)/python -c 'import os; from tests.pg import find_bin_dir as f; d = "TEST_DATABASE_URL" if os.environ.get("TEST_DATABASE_URL") else f(); print("PostgreSQL tests: " + (f"on {d}" if d else "SKIPPED (no initdb/pg_ctl; install postgresql or set TEST_DATABASE_URL)"))'
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(WORKERS)
 
 # Every test on PostgreSQL alone (make test runs the store, queue, memory and WhatsApp
 # suites on both stores, and the two-instance kill test).
 test-postgres: $(VENV)/.deps
-	TEST_STORE=postgres $(BIN)/pytest -q
+	TEST_STORE=postgres $(BIN)/pytest -q -n $(WORKERS)
 
 lint: $(VENV)/.deps
 	$(BIN)/ruff check --fix .
