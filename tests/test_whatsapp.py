@@ -27,7 +27,8 @@ from simulators.speech import speech_pcm24k
 from simulators.twilio import SentMessage, TwilioSimulator
 from simulators.whatsapp_sender import WhatsAppSender, new_sid
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, GatewayFactory, RunningGateway
-from tests.store_helpers import inbound_record, open_db, wait_settled
+from tests.store_helpers import connect, inbound_record, open_db, wait_settled
+from tests.test_call_faults import eventually
 
 pytestmark = pytest.mark.both_stores
 
@@ -541,13 +542,15 @@ async def test_an_idle_session_is_closed_and_its_conversation_ended(
         [session] = realtime_sim.sessions
         await session.wait_for(lambda: realtime_sim.sessions[0].closed, timeout=WAIT_S)
         person = await wa.store.person_by_number(USER)
-        # Ending the conversation is what hands it to the summarizer.
-        db = open_db(gateway)
-        ended = db.execute(
-            "SELECT ended_at FROM conversations WHERE person_id = ?", (person.id,)
-        ).fetchall()
-        db.close()
-        assert len(ended) == 1 and ended[0][0] is not None
+
+        def ended() -> list[tuple[str | None]]:
+            with connect(gateway) as db:
+                sql = "SELECT ended_at FROM conversations WHERE person_id = ?"
+                return db.execute(sql, (person.id,)).fetchall()
+
+        # Ending the conversation (written just after the close) hands it to the summarizer.
+        await eventually(lambda: ended()[0][0] is not None, WAIT_S)
+        assert len(ended()) == 1
 
 
 # ---- published voice notes --------------------------------------------------------------
