@@ -12,6 +12,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -21,6 +22,11 @@ VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
 CUSTOM_VOICE = re.compile(r"voice_[A-Za-z0-9_-]+")  # a voice made from recordings, by its id
 VAD_TYPES = ("server_vad", "semantic_vad")
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+VOICE_PROVIDERS = ("openai", "elevenlabs")
+# ElevenLabs' low-latency multilingual model (Portuguese included), ~75 ms to first audio.
+DEFAULT_ELEVENLABS_MODEL = "eleven_flash_v2_5"
+DEFAULT_ELEVENLABS_BASE_URL = "https://api.elevenlabs.io"
+SANDBOX_ELEVENLABS_VOICE = "sandbox-endrigo"  # the simulator's voice, when no key is set
 
 
 def voice_problem(value: str) -> str | None:
@@ -88,6 +94,16 @@ class Settings:
     instance_id: str = "gateway"
     public_stream_base_url: str = ""  # "": PUBLIC_BASE_URL
     instance_timeout_s: float = 15.0
+    voice_provider: str = "openai"
+    elevenlabs_api_key: str | None = field(default=None, repr=False)
+    elevenlabs_voice_id: str | None = None
+    elevenlabs_model: str = DEFAULT_ELEVENLABS_MODEL
+    elevenlabs_base_url: str = DEFAULT_ELEVENLABS_BASE_URL
+
+    @property
+    def sandbox_elevenlabs(self) -> bool:
+        """ElevenLabs chosen without a key (the sandbox): its simulator stands in."""
+        return self.voice_provider == "elevenlabs" and not self.elevenlabs_api_key
 
     @property
     def sandbox_realtime(self) -> bool:
@@ -192,6 +208,7 @@ class Settings:
             public_stream_base_url=reader.stream_url("PUBLIC_STREAM_BASE_URL"),
             # A silent instance is presumed dead after this: its claimed messages go to others.
             instance_timeout_s=reader.number("INSTANCE_TIMEOUT_S", 15.0, 0.5, 3600.0),
+            **_voice(reader),
         )
 
 
@@ -278,6 +295,40 @@ def _check_twilio_pair(sid: str | None, token: str | None) -> None:
         )
     if sid and not (sid.startswith("AC") and len(sid) == 34):
         raise SettingsError("TWILIO_ACCOUNT_SID", "must be 'AC' followed by 32 hex characters")
+
+
+def _voice(reader: _Reader) -> dict[str, Any]:
+    """Who speaks the replies: the Realtime model's own voice, or Endrigo's ElevenLabs clone
+    (the model then answers in text). ElevenLabs needs a key and a voice, except in the
+    sandbox (no OpenAI key either), where its simulator stands in."""
+    provider = reader.choice("VOICE_PROVIDER", "openai", VOICE_PROVIDERS)
+    key = reader.optional("ELEVENLABS_API_KEY")
+    voice_id = reader.optional("ELEVENLABS_VOICE_ID")
+    if voice_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", voice_id):
+        raise SettingsError(
+            "ELEVENLABS_VOICE_ID", f"must be an ElevenLabs voice id, got {voice_id!r}"
+        )
+    if provider == "openai" and voice_id is not None:
+        raise SettingsError(
+            "VOICE_PROVIDER",
+            "ELEVENLABS_VOICE_ID is set: set VOICE_PROVIDER=elevenlabs, or unset it",
+        )
+    if provider == "elevenlabs" and reader.optional("OPENAI_API_KEY"):
+        if key is None:
+            raise SettingsError(
+                "ELEVENLABS_API_KEY", "must be set with VOICE_PROVIDER=elevenlabs and OpenAI's key"
+            )
+        if voice_id is None:
+            raise SettingsError("ELEVENLABS_VOICE_ID", "must name the cloned voice to speak with")
+    if provider == "elevenlabs" and key is None:
+        voice_id = voice_id or SANDBOX_ELEVENLABS_VOICE
+    return {
+        "voice_provider": provider,
+        "elevenlabs_api_key": key,
+        "elevenlabs_voice_id": voice_id,
+        "elevenlabs_model": reader.text("ELEVENLABS_MODEL", DEFAULT_ELEVENLABS_MODEL),
+        "elevenlabs_base_url": reader.url("ELEVENLABS_BASE_URL", DEFAULT_ELEVENLABS_BASE_URL),
+    }
 
 
 def _instance_id(value: str) -> str:

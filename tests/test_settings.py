@@ -116,3 +116,56 @@ def test_tool_settings_are_optional_and_checked_naming_the_variable():
         with pytest.raises(SettingsError) as err:
             Settings.from_env(env)
         assert err.value.args[0] == name or name in str(err.value)
+
+
+def test_the_voice_is_openai_unless_elevenlabs_is_chosen_and_complete():
+    s = Settings.from_env({})
+    assert s.voice_provider == "openai" and s.elevenlabs_api_key is None
+    assert s.elevenlabs_model == "eleven_flash_v2_5"  # low latency, multilingual (pt-BR)
+    assert s.elevenlabs_base_url == "https://api.elevenlabs.io"
+    live = {"OPENAI_API_KEY": "sk-x"}
+    chosen = Settings.from_env(
+        {
+            **live,
+            "VOICE_PROVIDER": "elevenlabs",
+            "ELEVENLABS_API_KEY": "xi-very-secret",
+            "ELEVENLABS_VOICE_ID": "EndrigoVoice123",
+            "ELEVENLABS_MODEL": "eleven_turbo_v2_5",
+            "ELEVENLABS_BASE_URL": "http://127.0.0.1:9100/",
+        }
+    )
+    assert chosen.voice_provider == "elevenlabs" and not chosen.sandbox_elevenlabs
+    assert (chosen.elevenlabs_voice_id, chosen.elevenlabs_model) == (
+        "EndrigoVoice123",
+        "eleven_turbo_v2_5",
+    )
+    assert chosen.elevenlabs_base_url == "http://127.0.0.1:9100"
+    assert "very-secret" not in repr(chosen)
+    # The sandbox (no OpenAI key) simulates ElevenLabs too, with its own voice id.
+    sandbox = Settings.from_env({"VOICE_PROVIDER": "elevenlabs"})
+    assert sandbox.sandbox_elevenlabs and sandbox.elevenlabs_voice_id
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"VOICE_PROVIDER": "azure"}, "VOICE_PROVIDER"),
+        # A real OpenAI with a simulated ElevenLabs is a mistake, not a sandbox.
+        ({"OPENAI_API_KEY": "sk-x", "VOICE_PROVIDER": "elevenlabs"}, "ELEVENLABS_API_KEY"),
+        (
+            {"OPENAI_API_KEY": "sk-x", "VOICE_PROVIDER": "elevenlabs", "ELEVENLABS_API_KEY": "k"},
+            "ELEVENLABS_VOICE_ID",
+        ),
+        # ElevenLabs configured but not chosen: the owner meant to choose it.
+        ({"ELEVENLABS_VOICE_ID": "EndrigoVoice123"}, "VOICE_PROVIDER"),
+        ({"VOICE_PROVIDER": "elevenlabs", "ELEVENLABS_BASE_URL": "ftp://x"}, "ELEVENLABS_BASE_URL"),
+        (
+            {"VOICE_PROVIDER": "elevenlabs", "ELEVENLABS_VOICE_ID": "has spaces"},
+            "ELEVENLABS_VOICE_ID",
+        ),
+    ],
+)
+def test_a_bad_voice_combination_names_its_variable(env, variable):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env(env)
+    assert err.value.variable == variable
