@@ -636,7 +636,7 @@ class _InputSession:
         except _Dropped:
             pass
         finally:
-            if speaker is not None and not speaker.done():
+            if speaker is not None:  # done or not: its end (a cut's _Dropped) is retrieved here
                 speaker.cancel()
                 with contextlib.suppress(asyncio.CancelledError, _Dropped):
                     await speaker
