@@ -12,11 +12,12 @@ from aiohttp import web
 
 from gateway import admin, background, calls, dashboard, whatsapp
 from gateway.crm import CrmOutbox
+from gateway.elevenlabs import ElevenLabsVoice
 from gateway.health import health
 from gateway.instances import Heartbeat
 from gateway.observability import collector_tuned, loop_lag_watched, metrics
 from gateway.persona import load_persona
-from gateway.runtime import RUNTIME, SANDBOX_OPENAI_KEY, Runtime
+from gateway.runtime import RUNTIME, SANDBOX_ELEVENLABS_KEY, SANDBOX_OPENAI_KEY, Runtime
 from gateway.settings import Settings, SettingsError, redacted_url
 from gateway.store import Store
 from gateway.summaries import Summarizer
@@ -134,9 +135,23 @@ async def _clients_ctx(app: web.Application) -> AsyncIterator[None]:
     rt.twilio = make_rest_client(
         rt.twilio_account_sid, rt.twilio_auth_token, rt.twilio_api_base_url
     )
+    rt.elevenlabs = _elevenlabs_voice(rt)
     yield
+    if rt.elevenlabs is not None:
+        await rt.elevenlabs.close()
     await close_rest_client(rt.twilio)
     await rt.openai.close()
+
+
+def _elevenlabs_voice(rt: Runtime) -> ElevenLabsVoice | None:
+    """Endrigo's ElevenLabs voice when chosen: the real API, or the sandbox's simulator."""
+    s = rt.settings
+    if s.voice_provider != "elevenlabs":
+        return None
+    if rt.elevenlabs_sim is not None:
+        return ElevenLabsVoice.from_settings(s, rt.elevenlabs_sim.base_url, SANDBOX_ELEVENLABS_KEY)
+    assert s.elevenlabs_api_key is not None, "checked by Settings"
+    return ElevenLabsVoice.from_settings(s, s.elevenlabs_base_url, s.elevenlabs_api_key)
 
 
 async def _summaries_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
     from gateway.crm import CrmOutbox
+    from gateway.elevenlabs import ElevenLabsVoice
     from gateway.persona import Persona
     from gateway.store import Store
     from gateway.summaries import Summarizer
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 SANDBOX_ACCOUNT_SID = "AC" + "5a" * 16
 SANDBOX_AUTH_TOKEN = "sandbox-auth-token-not-a-secret"
 SANDBOX_OPENAI_KEY = "sk-sandbox-not-a-secret"
+SANDBOX_ELEVENLABS_KEY = "sk_sandbox_elevenlabs_not_a_secret"
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Runtime:
     twilio: Any = None  # twilio.rest.Client with the async HTTP client
     realtime_sim: Any = None  # simulators.realtime.RealtimeSimulator in the sandbox
     twilio_sim: Any = None  # simulators.twilio.TwilioSimulator in the sandbox
+    elevenlabs: ElevenLabsVoice | None = None  # VOICE_PROVIDER=elevenlabs: who speaks replies
+    elevenlabs_sim: Any = None  # simulators.elevenlabs.ElevenLabsSimulator in the sandbox
     _signatures: TwilioSignatures | None = field(default=None, repr=False)
     limits: Limits = field(init=False)
 

@@ -12,13 +12,14 @@ MILLION = 1_000_000
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per 1M tokens."""
+    """USD per 1M tokens (the Realtime models), or per 1,000 characters (ElevenLabs')."""
 
-    text_in: float
-    text_out: float
-    audio_in: float
-    audio_out: float
+    text_in: float = 0.0
+    text_out: float = 0.0
+    audio_in: float = 0.0
+    audio_out: float = 0.0
     cached_in: float = 0.0
+    per_1k_characters: float = 0.0
 
 
 class PriceTableError(ValueError):
@@ -50,7 +51,8 @@ def cost_usd(prices: Prices | None, row: dict[str, Any]) -> float | None:
         + text_out * prices.text_out
         + audio_out * prices.audio_out
     )
-    return total / MILLION
+    characters = row.get("characters") or 0
+    return total / MILLION + characters * prices.per_1k_characters / 1000
 
 
 def priced(

@@ -31,7 +31,9 @@ from gateway.bridge import (
     UpstreamClosed,
     voice_note_session,
 )
+from gateway.elevenlabs import VoiceUnavailable
 from gateway.memory import instructions_for, load_memory_marked, news_since
+from gateway.observability import ERRORS
 from gateway.persona import Channel, MemoryContext, greeting_instruction
 from gateway.runtime import Runtime
 from gateway.store import Erased, Person
@@ -253,6 +255,15 @@ class ReplyCollector:
         if self._ours(event):
             self.transcript = str(event.get("transcript") or "")
 
+    # A text-only reply (another voice speaks it): its words come as output_text.
+    def _on_response_output_text_delta(self, event: dict[str, Any]) -> None:
+        if self._ours(event):
+            self._transcript_parts.append(str(event.get("delta") or ""))
+
+    def _on_response_output_text_done(self, event: dict[str, Any]) -> None:
+        if self._ours(event):
+            self.transcript = str(event.get("text") or "")
+
     def _on_response_done(self, event: dict[str, Any]) -> None:
         response = event.get("response") or {}
         if (
@@ -428,7 +439,11 @@ class WarmSessions:
             encoder.cancel()
             raise
         warm.responses += 1
-        reply = self._reply(warm, turn, collector, await encoder.finish(), encoder.duration_ms)
+        notes, audio_ms = await encoder.finish(), encoder.duration_ms
+        if self.rt.elevenlabs is not None and collector.reply_text:
+            instruction = self.rt.persona.tools["results"]["read_aloud"]
+            notes, audio_ms = await speak(self.rt, warm.person, collector.reply_text, instruction)
+        reply = self._reply(warm, turn, collector, notes, audio_ms)
         log.info(
             "whatsapp %s: reply of %d ms audio, %d chars in %.0f ms",
             log_id,
@@ -491,7 +506,8 @@ class WarmSessions:
 
     def _response_params(self, warm: _Warm, turn: TurnInput) -> dict[str, Any]:
         """Audio out (with its transcript); the channel's instructions when they differ."""
-        params: dict[str, Any] = {"output_modalities": ["audio"]}
+        modality = "text" if self.rt.elevenlabs is not None else "audio"
+        params: dict[str, Any] = {"output_modalities": [modality]}
         channel, persona = channel_of(turn), self.rt.persona
         greet = warm.responses == 0 and _should_greet(warm.memory)
         if channel != warm.channel or greet:
@@ -622,9 +638,63 @@ async def collect(session: RealtimeSession, collector: ReplyCollector) -> None:
 async def read_aloud(
     rt: Runtime, person: Person | None, text: str, instruction: str
 ) -> list[bytes]:
-    """`text` in the persona's voice, as voice notes: a short session of its own that only
-    reads (no memory, no conversation, no tools), closed at once; its cost is the person's
-    (None: the persona's own fixed messages, read once for everyone, and only logged)."""
+    """`text` in the clone's voice, as voice notes."""
+    notes, _ = await speak(rt, person, text, instruction)
+    return notes
+
+
+async def speak(
+    rt: Runtime, person: Person | None, text: str, instruction: str
+) -> tuple[list[bytes], int]:
+    """`text` as voice notes and their length in ms: Endrigo's ElevenLabs voice when chosen,
+    else (or when ElevenLabs fails) the Realtime voice."""
+    if rt.elevenlabs is not None:
+        encoder = BackgroundEncoder()
+        try:
+            spoken = await rt.elevenlabs.speak_pcm24k(text, encoder.push)
+            notes = await encoder.finish()
+        except VoiceUnavailable as err:
+            encoder.cancel()
+            log.warning("ElevenLabs could not speak a reply (%s): the Realtime voice reads it", err)
+            ERRORS.labels("elevenlabs").inc()
+        except BaseException:
+            encoder.cancel()
+            raise
+        else:
+            await _record_voice_usage(rt, person, spoken.characters, encoder.duration_ms)
+            return notes, encoder.duration_ms
+    return await _realtime_reads(rt, person, text, instruction)
+
+
+async def _record_voice_usage(
+    rt: Runtime, person: Person | None, characters: int, audio_ms: int
+) -> None:
+    """ElevenLabs bills characters: a usage row of its model (None: the persona's own fixed
+    messages, spoken once for everyone, only logged)."""
+    if person is None:
+        log.info("ElevenLabs spoke %d characters for everyone", characters)
+        return
+    try:
+        await rt.store.add_usage(
+            person.id,
+            None,
+            None,
+            characters=characters,
+            audio_seconds=audio_ms / 1000,
+            model=rt.settings.elevenlabs_model,
+        )
+    except Erased:
+        log.info("ElevenLabs usage not kept: the person was erased")
+    except Exception:  # accounting must never cost the person their reply
+        log.exception("could not record ElevenLabs usage")
+
+
+async def _realtime_reads(
+    rt: Runtime, person: Person | None, text: str, instruction: str
+) -> tuple[list[bytes], int]:
+    """A short session of its own that only reads (no memory, no conversation, no tools),
+    closed at once; its cost is the person's (None: the persona's own fixed messages, read
+    once for everyone, and only logged)."""
     settings = rt.settings
     session = await RealtimeSession.open(
         rt.openai,
@@ -648,7 +718,7 @@ async def read_aloud(
         await session.close()
     if person is None:
         log.info("read aloud for everyone: %s", token_counts(collector.usage or {}))
-        return notes
+        return notes, encoder.duration_ms
     with contextlib.suppress(Erased):
         await rt.store.add_usage(
             person.id,
@@ -658,4 +728,4 @@ async def read_aloud(
             audio_seconds=encoder.duration_ms / 1000,
             model=settings.realtime_model,
         )
-    return notes
+    return notes, encoder.duration_ms

@@ -13,7 +13,7 @@ from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
 from simulators.whatsapp_sender import WhatsAppSender
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
-from tests.store_helpers import open_db
+from tests.store_helpers import connect, open_db
 
 pytestmark = pytest.mark.both_stores
 
@@ -140,17 +140,18 @@ async def test_a_failed_summary_loses_nothing_and_is_retried(gateway, realtime_s
     store = gateway.runtime.store
     person = await store.person_by_number(BRUNO)
 
-    async def retried() -> bool:
-        return len(realtime_sim.responses.requests) >= 2
+    def summary_state() -> tuple[int, str | None]:
+        with connect(gateway) as db:
+            sql = "SELECT summary_attempts, summarized_at FROM conversations WHERE person_id = ?"
+            return db.execute(sql, (person.id,)).fetchone()
 
-    await wait_until(retried)
+    async def retried_and_written() -> bool:  # the summary is written after its answer
+        return len(realtime_sim.responses.requests) >= 2 and summary_state()[1] is not None
+
+    await wait_until(retried_and_written)
     assert [r.status for r in realtime_sim.responses.requests[:2]] == [500, 200]
-    db = open_db(gateway)
-    attempts, summarized = db.execute(
-        "SELECT summary_attempts, summarized_at FROM conversations WHERE person_id = ?",
-        (person.id,),
-    ).fetchone()
-    assert attempts == 1 and summarized is not None
+    attempts, _ = summary_state()
+    assert attempts == 1
     assert CALL_FACT in (await store.person_by_id(person.id)).summary
     turns = await store.recent_turns(person.id)
     assert any(CALL_FACT in t.text for t in turns)  # the turns were there all along

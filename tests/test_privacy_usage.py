@@ -52,3 +52,16 @@ def test_the_shipped_price_table_loads_and_a_broken_one_is_named(tmp_path):
     broken.write_text('[models."x"]\nunknown_field = 1\n')
     with pytest.raises(PriceTableError, match=str(broken)):
         load_prices(broken)
+
+
+def test_elevenlabs_characters_are_priced_per_thousand():
+    table = load_prices(Path("config/prices.toml"))
+    flash = table["eleven_flash_v2_5"]
+    assert flash.per_1k_characters > 0 and flash.audio_out == 0
+    row = {"characters": 2000, "audio_seconds": 30.0}
+    assert cost_usd(flash, row) == pytest.approx(2 * flash.per_1k_characters)
+    # A Realtime row has no characters: its price is unchanged by the new column.
+    realtime = table["gpt-realtime-2.1"]
+    assert cost_usd(realtime, {"output_audio_tokens": 1_000_000, "output_tokens": 1_000_000}) == (
+        pytest.approx(realtime.audio_out)
+    )

@@ -434,11 +434,12 @@ class Store(LifecycleQueries, LeadQueries):
         output_audio_tokens: int = 0,
         audio_seconds: float = 0.0,
         model: str | None = None,
+        characters: int = 0,
     ) -> None:
         await self._db.execute(
             "INSERT INTO usage (person_id, conversation_id, response_id, input_tokens, "
-            "output_tokens, input_audio_tokens, output_audio_tokens, audio_seconds, at, model) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "output_tokens, input_audio_tokens, output_audio_tokens, audio_seconds, at, model, "
+            "characters) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 person_id,
                 conversation_id,
@@ -450,6 +451,7 @@ class Store(LifecycleQueries, LeadQueries):
                 audio_seconds,
                 utcnow(),
                 model,
+                characters,
             ),
         )
 

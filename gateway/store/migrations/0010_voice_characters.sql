@@ -1,0 +1,3 @@
+-- ElevenLabs bills the characters it speaks (VOICE_PROVIDER=elevenlabs): a usage row of its
+-- model carries them, priced per 1,000 characters in config/prices.toml.
+ALTER TABLE usage ADD COLUMN characters INTEGER NOT NULL DEFAULT 0;
