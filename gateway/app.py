@@ -97,7 +97,7 @@ async def _sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
     """Without credentials, the simulators stand in for OpenAI and Twilio, in process."""
     rt = app[RUNTIME]
     settings = rt.settings
-    if settings.sandbox_realtime or settings.sandbox_twilio:
+    if settings.sandbox_realtime or settings.sandbox_twilio or settings.sandbox_elevenlabs:
         _simulators_present(settings)
     if settings.sandbox_realtime:
         from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
@@ -111,10 +111,16 @@ async def _sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
 
         rt.twilio_sim = TwilioSimulator(rt.twilio_account_sid, rt.twilio_auth_token)
         await rt.twilio_sim.start(host="127.0.0.1", port=0)
-    if rt.realtime_sim or rt.twilio_sim:
+    if settings.sandbox_elevenlabs:
+        from simulators.elevenlabs import ElevenLabsSimConfig, ElevenLabsSimulator
+
+        # Any key will do: the sandbox's voice speaks for whoever asks.
+        rt.elevenlabs_sim = ElevenLabsSimulator(ElevenLabsSimConfig(api_key=None))
+        await rt.elevenlabs_sim.start(host="127.0.0.1", port=0)
+    if rt.realtime_sim or rt.twilio_sim or rt.elevenlabs_sim:
         _announce_sandbox(rt)
     yield
-    for sim in (rt.twilio_sim, rt.realtime_sim):
+    for sim in (rt.elevenlabs_sim, rt.twilio_sim, rt.realtime_sim):
         if sim is not None:
             await sim.close()
 
@@ -202,6 +208,9 @@ def _announce_sandbox(rt: Runtime) -> None:
     if rt.twilio_sim:
         lines.append(f"  Twilio          -> in-process SIMULATOR at {rt.twilio_sim.base_url}")
         lines.append("  (set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN to use real Twilio)")
+    if rt.elevenlabs_sim:
+        lines.append(f"  ElevenLabs      -> in-process SIMULATOR at {rt.elevenlabs_sim.base_url}")
+        lines.append("  (set ELEVENLABS_API_KEY and ELEVENLABS_VOICE_ID for Endrigo's own voice)")
     lines += [
         "Try it from another terminal:",
         f"  make call      # a simulated phone call to http://127.0.0.1:{s.port}",

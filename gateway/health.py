@@ -33,5 +33,17 @@ def health_report(rt: Runtime, store_ok: bool) -> dict[str, Any]:
             "configured": not rt.settings.sandbox_twilio,
             "backend": rt.twilio_backend,
         },
-        "sandbox": rt.realtime_sim is not None or rt.twilio_sim is not None,
+        "voice": _voice(rt),
+        "sandbox": any(
+            sim is not None for sim in (rt.realtime_sim, rt.twilio_sim, rt.elevenlabs_sim)
+        ),
     }
+
+
+def _voice(rt: Runtime) -> dict[str, Any]:
+    """Who speaks the replies: the Realtime voice, or Endrigo's ElevenLabs voice."""
+    s = rt.settings
+    if s.voice_provider != "elevenlabs":
+        return {"provider": "openai", "backend": rt.realtime_backend}
+    backend = "simulator" if rt.elevenlabs_sim is not None else "elevenlabs"
+    return {"provider": "elevenlabs", "backend": backend, "model": s.elevenlabs_model}

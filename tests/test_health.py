@@ -31,6 +31,22 @@ async def test_health_in_sandbox_says_simulators_are_in_use(start_gateway):
     assert body["sandbox"] is True
     assert body["realtime"]["backend"] == "simulator"
     assert body["twilio"] == {"configured": False, "backend": "simulator"}
+    assert body["voice"] == {"provider": "openai", "backend": "simulator"}
+
+
+async def test_the_sandbox_simulates_elevenlabs_when_it_is_chosen(start_gateway):
+    gw = await start_gateway({"VOICE_PROVIDER": "elevenlabs"})
+    status, body = await get_json(f"{gw.url}/health")
+    assert status == 200 and body["sandbox"] is True
+    assert body["voice"] == {
+        "provider": "elevenlabs",
+        "backend": "simulator",
+        "model": "eleven_flash_v2_5",
+    }
+    # The sandbox's voice answers the gateway's own client (any key, the sandbox voice id).
+    spoken = bytearray()
+    result = await gw.runtime.elevenlabs.speak_pcm24k("Olá, tudo bem?", spoken.extend)
+    assert result.characters == len("Olá, tudo bem?") and len(spoken) == result.pcm_bytes > 0
 
 
 async def test_health_is_503_when_the_store_is_unreachable(gateway):
