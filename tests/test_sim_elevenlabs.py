@@ -258,8 +258,21 @@ async def test_audio_is_paced_at_the_speed_knob(sim, client):
     elapsed = time.monotonic() - started
     audio_s = len(audio) / 2 / 16000
     assert audio_s > 1.9
-    # the last chunk is sent once the ones before it have played at 4x
-    assert elapsed >= (audio_s - sim.config.chunk_ms / 1000) / 4
+    # the last chunk leaves once the ones before it (6 of 7) have played at 4x; unpaced,
+    # the whole text takes a few milliseconds
+    assert elapsed >= audio_s * 6 / 7 / 4 * 0.9
+
+
+@pytest.mark.parametrize("sim_config", [fast_config(speed=4.0)])
+async def test_a_client_leaving_mid_stream_ends_the_answer_quietly(sim, client):
+    async for chunk in client.text_to_speech.stream(
+        SIM_VOICE_ID, text=TEXT * 3, output_format="pcm_16000"
+    ):
+        assert chunk
+        break  # the SDK's stream context closes the connection
+    (request,) = await sim.wait_for_requests(1)
+    assert request.status == 200 and not request.cut
+    assert 0 < len(request.audio) < expected_bytes(sim, TEXT * 3, 16000, 2)
 
 
 async def test_injected_failures_answer_the_status_then_service_resumes(sim, client):
@@ -500,6 +513,50 @@ async def test_raw_stream_input_cut_mid_stream_drops_the_connection(sim):
     assert len(received) <= 2 and not any(m.get("isFinal") for m in received)
     (request,) = await sim.wait_for_requests(1)
     assert request.cut and request.chunks == 2 and request.close_code == 1006
+
+
+@pytest.mark.parametrize(
+    ("query", "first", "where"),
+    [({"output_format": "wav_16000"}, {"text": " "}, "query.output_format"),
+     ({"inactivity_timeout": "999"}, {"text": " "}, "query.inactivity_timeout"),
+     ({}, {"text": " ", "generation_config": {"chunk_length_schedule": [5]}},
+      "generation_config.chunk_length_schedule"),
+     ({}, {"text": " ", "voice_settings": {"stability": 3}}, "voice_settings.stability")],
+)  # fmt: skip
+async def test_raw_stream_input_checks_its_query_and_first_message(sim, query, first, where):
+    async with open_input(sim, headers={"xi-api-key": SIM_API_KEY}, **query) as ws:
+        await ws.send(json.dumps(first))
+        last = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+    assert last["error"] == "validation" and last["message"].startswith(where + ":")
+    assert ws.close_code == 1008
+
+
+async def test_raw_stream_input_refuses_a_message_without_text(sim):
+    async with open_input(sim, headers={"xi-api-key": SIM_API_KEY}) as ws:
+        await ws.send(json.dumps({"text": " "}))
+        await ws.send(json.dumps({"flush": True}))
+        last = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+    assert last["error"] == "invalid_message" and ws.close_code == 1008
+
+
+async def test_closing_the_simulator_closes_live_streams_with_1001(sim_config):
+    simulator = await ElevenLabsSimulator(sim_config).start()
+    try:
+        async with open_input(simulator, headers={"xi-api-key": SIM_API_KEY}) as ws:
+            await ws.send(json.dumps({"text": " "}))
+            await simulator.wait_for_requests(1, finished=False)
+            await simulator.close()
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1001
+    finally:
+        await simulator.close()
+    (request,) = simulator.requests
+    assert request.finished and request.characters == 0
 
 
 async def test_an_injected_failure_refuses_the_websocket_upgrade(sim):
