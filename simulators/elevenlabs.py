@@ -56,6 +56,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, web
 
@@ -169,9 +170,8 @@ class _Speech:
         for start in range(0, len(self.text), self.chars_per_chunk):
             yield start, min(len(self.text), start + self.chars_per_chunk)
 
-    def audio(self, start: int, end: int, offset_ms: int = 0) -> bytes:
-        ms = self.ms_per_char
-        return voice_audio(self.fmt, offset_ms + start * ms, offset_ms + end * ms)
+    def audio(self, start: int, end: int) -> bytes:
+        return voice_audio(self.fmt, start * self.ms_per_char, end * self.ms_per_char)
 
     def seconds_alignment(self, start: int, end: int) -> dict:
         ms = self.ms_per_char
@@ -236,8 +236,8 @@ class ElevenLabsSimulator:
     def ws_url(self, voice_id: str = SIM_VOICE_ID, **query: Any) -> str:
         """The stream-input address for `voice_id`, with `query` (booleans as true/false)."""
         scheme = "wss" if self.scheme == "https" else "ws"
-        params = "&".join(
-            f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in query.items()
+        params = urlencode(
+            {k: str(v).lower() if isinstance(v, bool) else v for k, v in query.items()}
         )
         url = f"{scheme}://{self.host}:{self.port}/v1/text-to-speech/{voice_id}/stream-input"
         return f"{url}?{params}" if params else url
@@ -666,7 +666,11 @@ class _InputSession:
         self.sim._check_voice(record.voice_id)
         self.fmt = self.sim._simulated(record.output_format)
         self.voice_speed = self.sim._voice_speed(first.get("voice_settings"), ["voice_settings"])
-        schedule = (first.get("generation_config") or {}).get("chunk_length_schedule")
+        config = first.get("generation_config") or {}
+        if not isinstance(config, dict):
+            msg = "Input should be a valid dictionary"
+            raise _invalid(["generation_config"], msg, "dict_type", config)
+        schedule = config.get("chunk_length_schedule")
         if schedule is not None:
             if not isinstance(schedule, list) or not schedule:
                 raise _invalid(

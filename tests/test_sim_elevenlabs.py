@@ -521,7 +521,8 @@ async def test_raw_stream_input_cut_mid_stream_drops_the_connection(sim):
      ({"inactivity_timeout": "999"}, {"text": " "}, "query.inactivity_timeout"),
      ({}, {"text": " ", "generation_config": {"chunk_length_schedule": [5]}},
       "generation_config.chunk_length_schedule"),
-     ({}, {"text": " ", "voice_settings": {"stability": 3}}, "voice_settings.stability")],
+     ({}, {"text": " ", "voice_settings": {"stability": 3}}, "voice_settings.stability"),
+     ({}, {"text": " ", "generation_config": [50]}, "generation_config")],
 )  # fmt: skip
 async def test_raw_stream_input_checks_its_query_and_first_message(sim, query, first, where):
     async with open_input(sim, headers={"xi-api-key": SIM_API_KEY}, **query) as ws:
