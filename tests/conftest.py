@@ -164,15 +164,24 @@ async def start_gateway(database_url: str) -> AsyncIterator[GatewayFactory]:
     running: list[RunningGateway] = []
 
     async def start(env: dict[str, str], port: int | None = None) -> RunningGateway:
-        port = port or free_port()
+        # The socket is bound before the settings name its port, and handed to the server:
+        # a port picked then released could be taken by another test process meanwhile.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port or 0))
+        port = sock.getsockname()[1]
         full = {"DATABASE_URL": database_url, "PORT": str(port), **env}
         full.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
-        app = create_app(Settings.from_env(full))
+        try:
+            app = create_app(Settings.from_env(full))
+        except BaseException:
+            sock.close()
+            raise
         runner = web.AppRunner(app, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
         gw = RunningGateway(f"http://127.0.0.1:{port}", app, runner)
-        running.append(gw)
+        running.append(gw)  # stopped at the end even if its start fails half-way
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
         return gw
 
     yield start
