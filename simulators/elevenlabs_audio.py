@@ -22,6 +22,7 @@ import numpy as np
 
 from gateway.transcode import MULAW_DECODE, MULAW_ENCODE
 from simulators.realtime_audio import ALAW_DECODE, ALAW_ENCODE
+from simulators.speech import VOWELS  # the same vowels, at another pitch
 
 ELEVENLABS_PITCH_HZ = 240.0  # the simulated voice's fundamental; the Realtime voice's <= 173 Hz
 PITCH_TOLERANCE = 0.06  # sounds_like_elevenlabs: median pitch within 6 % of the above
@@ -53,14 +54,6 @@ KNOWN_OUTPUT_FORMATS = (
 )
 DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"  # the API's default when output_format is omitted
 
-# (F1, F2, F3) in Hz for a few vowels: a, e, i, o, u (as in simulators/speech.py)
-_VOWELS = (
-    (730, 1090, 2440),
-    (530, 1840, 2480),
-    (270, 2290, 3010),
-    (570, 840, 2410),
-    (300, 870, 2240),
-)
 _MASTER_S = 12  # the voice is synthesised once per rate and read cyclically
 _SYLLABLE_S = 0.22  # syllable period: ~4.5 syllables a second, with a dip between each
 
@@ -108,7 +101,7 @@ def _master_voice(rate: int) -> np.ndarray:
     f0 = ELEVENLABS_PITCH_HZ * (1 + 0.02 * np.sin(2 * np.pi * 2.3 * t))
     phase = 2 * np.pi * np.cumsum(f0) / rate
     syllable = (t // _SYLLABLE_S).astype(np.int64)
-    formants = np.array(_VOWELS)[(syllable * 7 + syllable // 3) % len(_VOWELS)]
+    formants = np.array(VOWELS)[(syllable * 7 + syllable // 3) % len(VOWELS)]
     out = np.zeros(n)
     for k in range(1, 31):
         freq = k * ELEVENLABS_PITCH_HZ

@@ -11,7 +11,7 @@ import numpy as np
 from gateway.transcode import pcm16_to_mulaw
 
 # (F1, F2, F3) in Hz for a few Portuguese-ish vowels: a, e, i, o, u
-_VOWELS = (
+VOWELS = (
     (730, 1090, 2440),
     (530, 1840, 2480),
     (270, 2290, 3010),
@@ -24,7 +24,7 @@ def _syllable(n: int, rate: int, rng: np.random.Generator) -> np.ndarray:
     t = np.arange(n) / rate
     f0 = rng.uniform(100, 160) * (1 + 0.08 * np.sin(2 * np.pi * rng.uniform(1.5, 3.0) * t))
     phase = 2 * np.pi * np.cumsum(f0) / rate
-    formants = _VOWELS[rng.integers(len(_VOWELS))]
+    formants = VOWELS[rng.integers(len(VOWELS))]
     nyquist = rate / 2
     out = np.zeros(n)
     for k in range(1, 40):
