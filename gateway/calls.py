@@ -48,6 +48,7 @@ from gateway.call_state import (
     Upstream,
     UpstreamError,
 )
+from gateway.call_voice import CallVoice
 from gateway.memory import instructions_for, load_memory_marked, news_since, with_transcript
 from gateway.observability import (
     ACTIVE_CALLS,
@@ -139,6 +140,20 @@ class LiveCall:
         self._catching_up = asyncio.Lock()
         self._inbound_timer = FrameTimer("inbound")
         self._outbound_timer = FrameTimer("outbound")
+        self.voice = self._elevenlabs_voice()
+
+    def _elevenlabs_voice(self) -> CallVoice | None:
+        """Endrigo's ElevenLabs voice, when chosen: the session then answers in text."""
+        voice = self.rt.elevenlabs
+        if voice is None:
+            return None
+        return CallVoice(
+            voice.open_stream,
+            feed=lambda event: self.perform(self.state.on_realtime(event, self.clock())),
+            send=self._send_upstream,
+            read_aloud=self.rt.persona.tools["results"]["read_aloud"],
+            log_id=self.log_id,
+        )
 
     @property
     def reconnects(self) -> int:
@@ -179,16 +194,16 @@ class LiveCall:
                 self.memory, self._mark = await load_memory_marked(self.rt.store, self.person)
                 self._memory_loaded = True
             instructions = self._instructions()
+            config = call_session(
+                self.rt.settings,
+                self.rt.voice,
+                instructions,
+                self.tools.definitions("call", self.person),
+            )
+            if self.voice is not None:
+                config["output_modalities"] = ["text"]  # ElevenLabs speaks it
             session = await RealtimeSession.open(
-                self.rt.openai,
-                self.rt.settings.realtime_model,
-                call_session(
-                    self.rt.settings,
-                    self.rt.voice,
-                    instructions,
-                    self.tools.definitions("call", self.person),
-                ),
-                self.policy,
+                self.rt.openai, self.rt.settings.realtime_model, config, self.policy
             )
         except Exception as err:
             log.warning(
@@ -242,7 +257,11 @@ class LiveCall:
             and self._outbound_timer.due()
         )
         started = time.perf_counter() if timed else 0.0
-        await self.perform(self.state.on_realtime(event, self.clock()))
+        if self.voice is None:
+            await self.perform(self.state.on_realtime(event, self.clock()))
+        else:
+            for each in await self.voice.on_realtime(event):
+                await self.perform(self.state.on_realtime(each, self.clock()))
         if timed:
             self._outbound_timer.observe_since(started)
 
@@ -307,6 +326,10 @@ class LiveCall:
             await self.perform(self.state.end(self.clock(), "phone socket lost"))
 
     async def _to_realtime(self, event: dict[str, Any]) -> None:
+        for each in [event] if self.voice is None else self.voice.outgoing(event):
+            await self._send_upstream(each)
+
+    async def _send_upstream(self, event: dict[str, Any]) -> None:
         session = self.session
         if session is None or self.state.upstream is not Upstream.LIVE:
             return
@@ -462,6 +485,8 @@ class LiveCall:
         while pending := [t for t in self._tasks if t is not asyncio.current_task()]:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.tools.close()
+        if self.voice is not None:
+            await self.voice.close()
 
     # tools
     async def _run_tool(self, call: ToolCall) -> None:

@@ -20,6 +20,8 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from elevenlabs.client import AsyncElevenLabs
 
+    from gateway.elevenlabs_stream import ElevenLabsStream
+
 log = logging.getLogger(__name__)
 
 NOTE_FORMAT = "pcm_24000"  # the note encoder's rate
@@ -39,12 +41,21 @@ class Spoken:
 
 class ElevenLabsVoice:
     def __init__(
-        self, client: AsyncElevenLabs, http: httpx.AsyncClient, voice_id: str, model_id: str
+        self,
+        client: AsyncElevenLabs,
+        http: httpx.AsyncClient,
+        voice_id: str,
+        model_id: str,
+        *,
+        base_url: str = "",
+        api_key: str = "",
     ) -> None:
         self.client = client
         self._http = http  # ours, handed to the SDK: closed with this voice
         self.voice_id = voice_id
         self.model_id = model_id
+        self.base_url = base_url
+        self._api_key = api_key  # for the calls' websocket, which the SDK's helper cannot do
 
     @classmethod
     def from_settings(cls, settings: Settings, base_url: str, api_key: str) -> ElevenLabsVoice:
@@ -53,7 +64,22 @@ class ElevenLabsVoice:
         http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S)
         client = AsyncElevenLabs(api_key=api_key, base_url=base_url, httpx_client=http)
         assert settings.elevenlabs_voice_id is not None, "checked by Settings"
-        return cls(client, http, settings.elevenlabs_voice_id, settings.elevenlabs_model)
+        return cls(
+            client,
+            http,
+            settings.elevenlabs_voice_id,
+            settings.elevenlabs_model,
+            base_url=base_url,
+            api_key=api_key,
+        )
+
+    async def open_stream(self) -> ElevenLabsStream:
+        """A call reply's stream-input socket (gateway/elevenlabs_stream.py)."""
+        from gateway.elevenlabs_stream import ElevenLabsStream
+
+        return await ElevenLabsStream.open(
+            self.base_url, self._api_key, self.voice_id, self.model_id
+        )
 
     async def speak_pcm24k(self, text: str, on_pcm: Callable[[bytes], None]) -> Spoken:
         """Stream `text` as PCM16 24 kHz mono into `on_pcm`, whole samples only."""

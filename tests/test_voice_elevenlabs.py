@@ -6,6 +6,8 @@ gateway is patched."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 from collections.abc import AsyncIterator
 
@@ -21,6 +23,8 @@ from simulators.elevenlabs import (
     sounds_like_elevenlabs,
 )
 from simulators.realtime import RealtimeSimConfig
+from simulators.speech import speech_mulaw
+from tests.test_calls import LONG_REPLY, PUBLIC, connected_call, received
 from tests.test_whatsapp import REPLY, USER, WAIT_S, harness_for
 
 MODEL = "eleven_flash_v2_5"
@@ -107,3 +111,102 @@ async def test_an_elevenlabs_failure_falls_back_to_the_realtime_voice_for_that_r
         await wa.sender.send_text("E quanto custa?")
         await twilio_sim.wait_for_messages(4, timeout=WAIT_S, settled=True)
         assert sounds_like_elevenlabs(await note_pcm(twilio_sim.messages[3].media_urls[0]), 24000)
+
+
+# ---- calls --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def call_gateway(start_gateway, live_env, elevenlabs_sim):
+    return await start_gateway(
+        {
+            **live_env,
+            "PUBLIC_BASE_URL": PUBLIC,
+            "CALL_CLAIM_TIMEOUT_S": "1",
+            "VOICE_PROVIDER": "elevenlabs",
+            "ELEVENLABS_API_KEY": SIM_API_KEY,
+            "ELEVENLABS_VOICE_ID": SIM_VOICE_ID,
+            "ELEVENLABS_MODEL": MODEL,
+            "ELEVENLABS_BASE_URL": elevenlabs_sim.base_url,
+        }
+    )
+
+
+async def test_a_call_is_answered_in_endrigos_elevenlabs_voice_as_twilio_frames(
+    call_gateway, realtime_sim, elevenlabs_sim
+):
+    caller, session = await connected_call(call_gateway, realtime_sim)
+    async with caller:
+        await caller.wait_playback_idle(quiet_s=0.3)  # the greeting
+        greeting = len(caller.audio_received)
+        await caller.speak_and_wait(speech_mulaw(1200, seed=3))
+        await caller.wait_playback_idle(quiet_s=0.3)
+        reply = bytes(caller.audio_received[greeting:])
+        assert caller.violations == []
+        sizes = {len(base64.b64decode(r.message["media"]["payload"]))
+                 for r in caller.received if r.event == "media"}  # fmt: skip
+    assert greeting > 0 and sounds_like_elevenlabs(bytes(caller.audio_received[:greeting]), 8000,
+                                                   codec="ulaw")  # fmt: skip
+    assert len(reply) > 8 * 400 and sounds_like_elevenlabs(reply, 8000, codec="ulaw")
+    assert sizes and all(size % 160 == 0 for size in sizes)
+    [update] = received(session, "session.update")
+    assert update["session"]["output_modalities"] == ["text"]
+    assert session.errors == []
+    # Twilio's own format from ElevenLabs: nothing was transcoded on the way.
+    assert {r.query["output_format"] for r in elevenlabs_sim.requests} == {"ulaw_8000"}
+    heard = bytes(caller.audio_received)
+    for request in elevenlabs_sim.requests:  # each reply's audio, byte for byte, in frames
+        whole = len(request.audio) // 160 * 160
+        assert whole > 0 and bytes(request.audio[:whole]) in heard
+
+
+async def test_barge_in_on_elevenlabs_clears_and_tells_the_model_the_words_played(
+    call_gateway, realtime_sim, sim_config, elevenlabs_sim
+):
+    sim_config.reply = lambda session, user_item: LONG_REPLY if user_item else "Olá!"
+    caller, session = await connected_call(call_gateway, realtime_sim)
+    async with caller:
+        await caller.wait_playback_idle(quiet_s=0.3, timeout=30)
+        heard_before = caller.playback.queued_bytes - caller.playback.discarded_bytes
+        await caller.speak_and_wait(speech_mulaw(1000, seed=5))
+        await asyncio.sleep(0.8)  # the caller hears some of the reply, then talks over it
+        caller.speak(speech_mulaw(800, seed=6))
+        await caller.wait_until(lambda: caller.clears, 5)
+        [clear] = caller.clears
+        heard_ms = (caller.playback.played(clear.at) - heard_before) / 8
+        await session.wait_for(lambda: received(session, "conversation.item.create"), 3)
+        assert caller.violations == []
+    [delete] = received(session, "conversation.item.delete")
+    [create] = [e for e in received(session, "conversation.item.create")
+                if e["item"]["role"] == "assistant"]  # fmt: skip
+    heard = create["item"]["content"][0]["text"]
+    assert LONG_REPLY.startswith(heard) and 0 < len(heard) < len(LONG_REPLY)
+    # The words told are those whose sound had played, within the truncate bound of 60 ms.
+    per_char = elevenlabs_sim.config.ms_per_char(1.0)
+    assert abs(len(heard) * per_char - heard_ms) <= 60 + per_char
+    assert delete["item_id"] != create["item"].get("id")
+    assert received(session, "conversation.item.truncate") == []
+    assert all(e["error"].get("code") != "invalid_value" for e in session.errors)
+
+
+async def test_an_elevenlabs_failure_mid_call_reply_is_finished_in_the_realtime_voice(
+    call_gateway, realtime_sim, elevenlabs_sim, caplog
+):
+    caller, session = await connected_call(call_gateway, realtime_sim)
+    async with caller:
+        await caller.wait_playback_idle(quiet_s=0.3)  # the greeting, in ElevenLabs' voice
+        greeting = len(caller.audio_received)
+        elevenlabs_sim.cut_next(after_chunks=1)
+        with caplog.at_level(logging.WARNING, logger="gateway.call_voice"):
+            await caller.speak_and_wait(speech_mulaw(1200, seed=3))
+            await caller.wait_playback_idle(quiet_s=0.5)
+        reply = bytes(caller.audio_received[greeting:])
+        assert caller.violations == []
+    assert any("ElevenLabs failed" in r.getMessage() for r in caplog.records)
+    oob = [e for e in received(session, "response.create")
+           if e.get("response", {}).get("conversation") == "none"]  # fmt: skip
+    assert len(oob) == 1 and oob[0]["response"]["output_modalities"] == ["audio"]
+    cut = elevenlabs_sim.requests[-1]
+    assert cut.cut
+    # The caller heard ElevenLabs' first chunk, then the Realtime voice for the rest.
+    assert len(reply) > len(cut.audio) + 8 * 200
