@@ -40,6 +40,7 @@ class _Reply:
     opening: asyncio.Task[ElevenLabsStream]
     spoken: SpokenText = field(default_factory=SpokenText)
     text: asyncio.Future[str] = field(default_factory=asyncio.Future)
+    parts: list[str] = field(default_factory=list)  # the deltas so far
     reader: asyncio.Task[None] | None = None
     dropped: bool = False
 
@@ -71,6 +72,7 @@ class CallVoice:
         if reply is None:
             return []
         delta = str(event.get("delta") or "")
+        reply.parts.append(delta)
         if not reply.dropped and reply.reader is not None and not reply.reader.done():
             with contextlib.suppress(VoiceUnavailable):  # the reader sees it and falls back
                 stream = await reply.opening
@@ -158,6 +160,13 @@ class CallVoice:
                 },
             }
         )
+
+    def upstream_gone(self) -> None:
+        """The session ended mid-reply: what it had said is the whole of it, so its stream
+        is finished (else it would wait for a text that never comes)."""
+        for reply in self._replies.values():
+            if not reply.text.done():
+                reply.text.set_result("".join(reply.parts))
 
     # core -> upstream
     def outgoing(self, event: dict[str, Any]) -> list[dict[str, Any]]:

@@ -246,6 +246,8 @@ class LiveCall:
                 await self._on_upstream_event(event)
 
         reason = await pump(session, on_event, self.log_id)
+        if self.voice is not None and self.session is session:
+            self.voice.upstream_gone()
         if self.session is session and self.state.phase is not Phase.ENDED:
             log.warning("%s: %s", self.log_id, reason)
             await self.perform(self.state.upstream_lost(self.clock(), reason))

@@ -24,6 +24,7 @@ from simulators.elevenlabs import (
 )
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
+from tests.test_call_faults import eventually
 from tests.test_calls import LONG_REPLY, PUBLIC, connected_call, received
 from tests.test_whatsapp import REPLY, USER, WAIT_S, harness_for
 
@@ -210,3 +211,27 @@ async def test_an_elevenlabs_failure_mid_call_reply_is_finished_in_the_realtime_
     assert cut.cut
     # The caller heard ElevenLabs' first chunk, then the Realtime voice for the rest.
     assert len(reply) > len(cut.audio) + 8 * 200
+
+
+async def test_an_upstream_drop_mid_reply_finishes_its_elevenlabs_stream_and_the_call_goes_on(
+    call_gateway, realtime_sim, sim_config, elevenlabs_sim
+):
+    sim_config.reply = lambda session, user_item: LONG_REPLY if user_item else "Olá!"
+    caller, first = await connected_call(call_gateway, realtime_sim)
+    async with caller:
+        await caller.wait_playback_idle(quiet_s=0.3)
+        caller.speak(speech_mulaw(1000, seed=5))
+        requests = elevenlabs_sim.requests
+        await eventually(lambda: len(requests) > 1 and requests[1].chunks, WAIT_S)
+        await first.drop()  # while the reply's stream is speaking
+        cut = requests[1]
+        await eventually(lambda: cut.finished, WAIT_S)  # with what the model had said
+        assert not cut.cut and 0 < len(cut.text) < len(LONG_REPLY)
+        second = await realtime_sim.wait_for_session(count=2)
+        await second.wait_for(lambda: received(second, "session.update"), 3)
+        await caller.wait_playback_idle(quiet_s=0.3)
+        before = len(caller.audio_received)
+        await caller.speak_and_wait(speech_mulaw(1000, seed=8))
+        await caller.wait_playback_idle(quiet_s=0.3)
+        assert sounds_like_elevenlabs(bytes(caller.audio_received[before:]), 8000, codec="ulaw")
+        assert caller.violations == [] and second.errors == []
