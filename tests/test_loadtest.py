@@ -5,10 +5,15 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 
 from scripts import loadtest
+from scripts.loadtest import voice
+from scripts.loadtest.config import parse_args
+from simulators.elevenlabs import ElevenLabsSimConfig, ElevenLabsSimulator
 from simulators.realtime import RealtimeSimConfig
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
@@ -81,12 +86,73 @@ async def test_three_calls_of_one_turn_give_a_complete_sane_report(
     assert process.pid == os.getpid() and process.cpu_s > 0 and process.rss_peak_mb > 0
     assert [t.name for t in report.targets] == [
         "gateway share p99 (ms), at 100 calls",
+        "turn p95 (ms): end of speech -> first reply frame",
         "greeting p99 (ms): first audio + 20",
         "RSS per live call (KB)",
     ]
     assert report.targets[0].met is None  # the share target is set at 100 live calls, not 3
     assert "end of speech -> first reply frame" in loadtest.format_text(report)
     assert "garbage-collector pauses" in loadtest.format_text(report)
+    assert "voice: openai (the Realtime voice)" in loadtest.format_text(report)
+
+
+@pytest.fixture
+async def elevenlabs_sim() -> AsyncIterator[ElevenLabsSimulator]:
+    # Any key, as the spawned simulator; fast, so that the calls stay short.
+    sim = ElevenLabsSimulator(
+        ElevenLabsSimConfig(api_key=None, first_audio_latency_ms=20, speed=20.0)
+    )
+    await sim.start()
+    yield sim
+    await sim.close()
+
+
+async def test_calls_in_the_elevenlabs_voice_are_measured_and_the_report_names_it(
+    start_gateway, live_env, realtime_sim, elevenlabs_sim
+):
+    # The gateway gets the same voice settings as a spawned one (--voice elevenlabs).
+    env = voice.gateway_env("elevenlabs", urlsplit(elevenlabs_sim.base_url).port)
+    gateway = await start_gateway({**live_env, **env})
+    cfg = loadtest.LoadConfig(
+        gateway_url=gateway.url,
+        auth_token=AUTH_TOKEN,
+        account_sid=ACCOUNT_SID,
+        calls=2,
+        turns=1,
+        ramp_s=0.2,
+        speech_ms=600,
+        first_audio_ms=FIRST_AUDIO_MS,
+        quiet_s=0.2,
+        warmup=0,
+        voice="elevenlabs",
+    )
+    report = await loadtest.run_load(cfg, loadtest.Stack(gateway_pid=os.getpid()))
+
+    calls = report.calls
+    assert (calls.calls, calls.ok, calls.failed, calls.errors) == (2, 2, 0, {})
+    assert (calls.turns_requested, calls.turns_measured) == (2, 2)
+    # The reply is ElevenLabs' audio: it comes after the silence window and the model's text.
+    assert calls.latency_ms.n == 2
+    assert calls.latency_ms.p50 > cfg.vad_silence_ms + FIRST_AUDIO_MS
+    assert calls.frames.reply_frames > 0
+    assert (calls.frames.violations, calls.frames.odd_size_frames) == (0, 0)
+    assert len(elevenlabs_sim.requests) >= 4  # each call's greeting and reply
+    text = loadtest.format_text(report)
+    assert "voice: elevenlabs" in text
+    assert "calls: 2 ok, 0 failed; turns measured 2/2" in text
+    assert "end of speech -> first reply frame                2" in text
+    assert "ms per call-minute" in text
+
+
+def test_voice_option() -> None:
+    assert parse_args([]).voice == "openai"
+    assert parse_args(["--spawn", "--voice", "both"]).voice == "both"
+    with pytest.raises(SystemExit):  # a running gateway's voice is its own
+        parse_args(["--voice", "elevenlabs"])
+    assert voice.gateway_env("openai", None) == {}
+    env = voice.gateway_env("elevenlabs", 8767)
+    assert env["VOICE_PROVIDER"] == "elevenlabs"
+    assert env["ELEVENLABS_BASE_URL"] == "http://127.0.0.1:8767"
 
 
 def test_each_utterance_ends_on_a_voiced_frame() -> None:

@@ -5,6 +5,9 @@
     .venv/bin/python scripts/loadtest.py --spawn --calls 100 --turns 3 --ramp-s 10
     # Against a gateway already running (its pid gives CPU and RSS):
     .venv/bin/python scripts/loadtest.py --gateway http://127.0.0.1:8080 --gateway-pid 1234
+    # The same load in the Realtime voice, then in ElevenLabs' (its simulator spawned too,
+    # first audio 75 ms; the model answers in text), the two reports side by side:
+    .venv/bin/python scripts/loadtest.py --spawn --voice both
     # A burst of 200 signed WhatsApp webhooks (voice notes), reply time at the Twilio simulator:
     .venv/bin/python scripts/loadtest.py --spawn --calls 0 --whatsapp 200
 

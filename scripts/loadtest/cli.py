@@ -16,18 +16,29 @@ import aiohttp
 from .config import config_from, parse_args
 from .measure import run_load
 from .profiling import profiled
-from .report import format_text
+from .report import format_side_by_side, format_text
 from .results import Report
 from .spawn import SpawnOptions, spawned_stack
 from .stack import Stack
+from .voice import VOICES
 from .whatsapp_burst import RemoteTwilio, TwilioView
 from .workers import worker_main
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository: git runs here
 
 
-async def _main(args: argparse.Namespace) -> Report:
+async def _main(args: argparse.Namespace) -> dict[str, Report]:
+    """One run per voice asked for (--voice both: openai, then elevenlabs), in order."""
+    voices = VOICES if args.voice == "both" else (args.voice,)
+    reports = {}
+    for voice in voices:
+        reports[voice] = await _run(args, voice)
+    return reports
+
+
+async def _run(args: argparse.Namespace, voice: str) -> Report:
     cfg = config_from(args)
+    cfg.voice = voice
     async with contextlib.AsyncExitStack() as exits:
         if args.spawn:
             options = SpawnOptions(args.sim_arg, args.gateway_log_level, args.keep, args.pin)
@@ -42,7 +53,7 @@ async def _main(args: argparse.Namespace) -> Report:
             profiled(stack.gateway_pid, args.profile, args.profile_native)
         )
         report = await run_load(cfg, stack, show_progress=not args.no_progress)
-    report.setup = _setup_notes(args)
+    report.setup = _setup_notes(args, voice)
     return report
 
 
@@ -62,10 +73,13 @@ def _code_version() -> str:
     return f"code: {head}" + (" with uncommitted changes in gateway/" if dirty else "")
 
 
-def _setup_notes(args: argparse.Namespace) -> list[str]:
+def _setup_notes(args: argparse.Namespace, voice: str) -> list[str]:
     notes = [_code_version()]
+    simulators = (
+        "Realtime and ElevenLabs simulators" if voice == "elevenlabs" else "Realtime simulator"
+    )
     notes += [
-        "spawned: gateway and Realtime simulator as subprocesses"
+        f"spawned: gateway and {simulators} as subprocesses"
         if args.spawn
         else f"running gateway at {args.gateway}"
     ]
@@ -89,10 +103,13 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(argv[1], int(argv[2]))
         return
     args = parse_args(argv)
-    report = asyncio.run(_main(args))
+    reports = asyncio.run(_main(args))
     if args.json:
-        print(json.dumps(asdict(report), indent=2))
+        both = {voice: asdict(report) for voice, report in reports.items()}
+        print(json.dumps(both if len(reports) > 1 else both[args.voice], indent=2))
     else:
-        print(format_text(report))
-    calls = report.calls
-    sys.exit(1 if calls is not None and calls.ok == 0 else 0)
+        print("\n\n".join(format_text(report) for report in reports.values()))
+        if len(reports) > 1:
+            print("\n" + format_side_by_side(reports))
+    failed = [r for r in reports.values() if r.calls is not None and r.calls.ok == 0]
+    sys.exit(1 if failed else 0)

@@ -37,6 +37,7 @@ class LoadConfig:
     whatsapp: int = 0  # burst size; 0: no burst
     whatsapp_kind: str = "voice"  # voice (needs a Twilio simulator for the media) | text
     whatsapp_timeout_s: float = 60.0
+    voice: str = "openai"  # who speaks the replies: the gateway's VOICE_PROVIDER
 
     def __post_init__(self) -> None:
         self.public_base_url = (self.public_base_url or self.gateway_url).rstrip("/")
@@ -81,6 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--whatsapp", type=int, default=0, help="WhatsApp burst size")
     p.add_argument("--whatsapp-kind", choices=("voice", "text"), default="voice")
     p.add_argument("--whatsapp-timeout-s", type=float, default=60.0)
+    p.add_argument(
+        "--voice",
+        choices=("openai", "elevenlabs", "both"),
+        default="openai",
+        help="the Realtime voice, or ElevenLabs' (its simulator spawned too, first audio "
+        "75 ms); both: the same load in each, one after the other, side by side",
+    )
     p.add_argument("--sim-arg", action="append", default=[], help="extra simulator flag")
     p.add_argument("--gateway-log-level", default="INFO")
     p.add_argument("--keep", action="store_true", help="keep the spawned processes' logs")
@@ -94,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--ramp-s must be shorter than --max-s (which bounds the whole call phase)")
     if args.calls < 0 or args.whatsapp < 0 or args.turns < 0:
         p.error("--calls, --turns and --whatsapp cannot be negative")
+    if args.voice != "openai" and not args.spawn:
+        p.error("--voice elevenlabs or both needs --spawn (a running gateway has its own voice)")
     if args.spawn and args.gateway == "http://127.0.0.1:8080":
         args.gateway = f"http://127.0.0.1:{free_port()}"
     return args
@@ -120,6 +130,7 @@ def config_from(args: argparse.Namespace) -> LoadConfig:
         whatsapp=args.whatsapp,
         whatsapp_kind=args.whatsapp_kind,
         whatsapp_timeout_s=args.whatsapp_timeout_s,
+        voice=args.voice,
     )
 
 

@@ -72,6 +72,7 @@ async def _measure_calls(cfg: LoadConfig, stack: Stack, show_progress: bool) -> 
     call_seconds = sum(r.duration_s for r in batch.results)
     seen = await watches.finish(cfg.calls, progress.peak_live, call_seconds, batch.cpu_s)
     report.gateway_process, report.simulator_process = seen.gateway, seen.simulator
+    report.voice_process = seen.voice
     report.machine, report.gateway_forwarding = seen.machine, seen.forwarding
     report.gateway_gc_pauses, report.gateway_loop_lag = seen.gc_pauses, seen.loop_lag
     if stack.db_path is not None:

@@ -43,6 +43,7 @@ class ProcessReport:
     vm_hwm_mb: float
     cpu_ms_per_call: float | None = None
     core_pct_per_live_call: float | None = None  # CPU / total call time
+    cpu_ms_per_call_minute: float | None = None  # the same, as ms of CPU per minute of call
     rss_kb_per_live_call: float | None = None
 
 
@@ -88,6 +89,7 @@ class ProcWatch:
             report.cpu_ms_per_call = round(cpu * 1000 / calls, 1)
         if call_seconds:
             report.core_pct_per_live_call = round(100 * cpu / call_seconds, 3)
+            report.cpu_ms_per_call_minute = round(cpu * 1000 * 60 / call_seconds, 1)
         if live:
             report.rss_kb_per_live_call = round((self.peak_rss_kb - self.before.rss_kb) / live, 1)
         return report

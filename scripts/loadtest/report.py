@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .procstats import MachineReport, ProcessReport
 from .results import CallsReport, Report
 from .summary import Summary
+from .voice import voice_name
 from .whatsapp_burst import WhatsAppReport
 
 OTHERS_WARN_CORES = 0.15  # CPU used by processes outside the test that makes a run suspect
@@ -26,6 +27,7 @@ def format_text(report: Report) -> str:
         f"{cfg['ramp_s']:g} s, upstream first audio F = {cfg['first_audio_ms']:g} ms, "
         f"VAD silence S = {cfg['vad_silence_ms']} ms"
     ]
+    lines.append(f"voice: {voice_name(cfg.get('voice', 'openai'))}")
     lines += [f"setup: {note}" for note in report.setup]
     if report.warmup_greeting_ms:
         lines.append(f"warm-up greeting (not counted): {report.warmup_greeting_ms} ms")
@@ -93,6 +95,8 @@ def _calls_text(c: CallsReport) -> list[str]:
         lines.append(_process_text(c.gateway_process))
     if c.simulator_process is not None:
         lines.append(_process_text(c.simulator_process, "realtime simulator"))
+    if c.voice_process is not None:
+        lines.append(_process_text(c.voice_process, "elevenlabs simulator"))
     if c.machine is not None:
         lines.append(_machine_text(c.machine))
     return lines
@@ -121,6 +125,8 @@ def _process_text(p: ProcessReport, name: str = "gateway", unit: str = "call") -
     cpu = [f"{p.cpu_ms_per_call} ms per {unit}"] if p.cpu_ms_per_call is not None else []
     if p.core_pct_per_live_call is not None:
         cpu.append(f"{p.core_pct_per_live_call} % of a core per live call")
+    if p.cpu_ms_per_call_minute is not None:
+        cpu.append(f"{p.cpu_ms_per_call_minute} ms per call-minute")
     rss = f" ({p.rss_kb_per_live_call} KB per live call)" if p.rss_kb_per_live_call else ""
     return (
         f"{name} pid {p.pid}: CPU {p.cpu_s} s over {p.wall_s} s ({p.cores_busy} cores)"
@@ -150,3 +156,37 @@ def _whatsapp_text(w: WhatsAppReport) -> list[str]:
     if w.machine is not None:
         lines.append(_machine_text(w.machine))
     return lines
+
+
+def format_side_by_side(reports: Mapping[str, Report]) -> str:
+    """--voice both: the main figures of each voice's run, one column per voice."""
+    names = list(reports)
+    lines = ["side by side, the same load in each voice:"]
+    lines.append(f"  {'':<40}" + "".join(f"{v:>26}" for v in names))
+    for label, cell in _SIDE_ROWS:
+        cells = [cell(c) if (c := reports[v].calls) is not None else "-" for v in names]
+        lines.append(f"  {label:<40}" + "".join(f"{text:>26}" for text in cells))
+    return "\n".join(lines)
+
+
+def _triple(s: Summary | None) -> str:
+    if s is None or s.n == 0:
+        return "-"
+    return " / ".join(f"{v:.1f}" if v is not None else "-" for v in (s.p50, s.p95, s.p99))
+
+
+def _gateway(c: CallsReport, field: str) -> str:
+    value = getattr(c.gateway_process, field, None)
+    return "-" if value is None else f"{value:g}"
+
+
+_SIDE_ROWS: tuple[tuple[str, Callable[[CallsReport], str]], ...] = (
+    ("calls ok / failed", lambda c: f"{c.ok} / {c.failed}"),
+    ("turns measured", lambda c: f"{c.turns_measured}/{c.turns_requested}"),
+    ("turn p50 / p95 / p99 (ms)", lambda c: _triple(c.latency_ms)),
+    ("gateway share p50 / p95 / p99 (ms)", lambda c: _triple(c.gateway_share_ms)),
+    ("greeting p50 / p95 / p99 (ms)", lambda c: _triple(c.greeting_ms)),
+    ("gateway CPU per call-minute (ms)", lambda c: _gateway(c, "cpu_ms_per_call_minute")),
+    ("gateway CPU per call (ms)", lambda c: _gateway(c, "cpu_ms_per_call")),
+    ("others' load (cores)", lambda c: str(c.machine.other_cores if c.machine else "-")),
+)

@@ -68,6 +68,7 @@ class CallsReport:
     generator: GeneratorReport
     gateway_process: ProcessReport | None = None
     simulator_process: ProcessReport | None = None
+    voice_process: ProcessReport | None = None  # the ElevenLabs simulator
     machine: MachineReport | None = None
 
 
@@ -169,7 +170,7 @@ def last_turn_id(db_path: Path | None) -> int:
 
 
 def evaluate(cfg: LoadConfig, report: Report) -> list[Target]:
-    """Issue 6's targets; `met` is None when this run cannot tell."""
+    """Issue 6's targets and issue 15's turn; `met` is None when this run cannot tell."""
     calls = report.calls
     if calls is None:
         return []
@@ -180,8 +181,10 @@ def evaluate(cfg: LoadConfig, report: Report) -> list[Target]:
     rss = proc.rss_kb_per_live_call if proc else None
     # The share target is set at 100 live calls: another load can neither meet nor miss it.
     share_met = _le(share, 5.0) if calls.peak_live_calls == 100 else None
+    turn = calls.latency_ms.p95
     return [
         Target("gateway share p99 (ms), at 100 calls", 5.0, share, share_met),
+        Target("turn p95 (ms): end of speech -> first reply frame", 800.0, turn, _le(turn, 800.0)),
         Target("greeting p99 (ms): first audio + 20", limit, greeting, _le(greeting, limit)),
         Target("RSS per live call (KB)", 1024.0, rss, _le(rss, 1024.0)),
     ]

@@ -1,4 +1,5 @@
-"""The gateway and the Realtime simulator as subprocesses, the Twilio simulator in this one."""
+"""The gateway, the Realtime simulator and (with --voice elevenlabs) the ElevenLabs simulator
+as subprocesses, the Twilio simulator in this one."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from . import voice
 from .config import LoadConfig, free_port
 from .stack import Stack
 from .whatsapp_burst import LocalTwilio
@@ -89,8 +91,10 @@ async def spawned_stack(cfg: LoadConfig, options: SpawnOptions) -> AsyncIterator
         sim_log = workdir / "realtime-sim.log"
         procs.append(await _start_process(sim_argv, sim_log))
         await _wait_ready(f"http://127.0.0.1:{sim_port}/", procs[-1], sim_log)
+        voice_port = await _start_voice(cfg, procs, workdir)
         db_path = workdir / "gateway.db"
         env = _gateway_env(cfg, options, gw_port, sim_port, twilio.base_url, db_path)
+        env |= voice.gateway_env(cfg.voice, voice_port)
         gw_log = workdir / "gateway.log"
         procs.append(await _start_process([sys.executable, "-m", "gateway"], gw_log, env))
         if options.pin:
@@ -98,7 +102,8 @@ async def spawned_stack(cfg: LoadConfig, options: SpawnOptions) -> AsyncIterator
         await _wait_ready(f"{cfg.gateway_url}/health", procs[-1], gw_log)
         print(f"spawned: gateway pid {procs[-1].pid}, logs in {workdir}", file=sys.stderr)
         sim_url = f"http://127.0.0.1:{sim_port}"
-        yield Stack(procs[-1].pid, LocalTwilio(twilio), db_path, procs[0].pid, sim_url)
+        voice_pid = procs[1].pid if voice_port is not None else None
+        yield Stack(procs[-1].pid, LocalTwilio(twilio), db_path, procs[0].pid, sim_url, voice_pid)
     finally:
         for proc in reversed(procs):
             await _stop_process(proc)
@@ -106,6 +111,27 @@ async def spawned_stack(cfg: LoadConfig, options: SpawnOptions) -> AsyncIterator
         os.sched_setaffinity(0, affinity)
         if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _start_voice(
+    cfg: LoadConfig, procs: list[asyncio.subprocess.Process], workdir: Path
+) -> int | None:
+    """The ElevenLabs simulator for --voice elevenlabs (its port), else nothing."""
+    if cfg.voice != "elevenlabs":
+        return None
+    port, log = free_port(), workdir / "elevenlabs-sim.log"
+    procs.append(await _start_process(voice.simulator_argv(port), log))
+    await _wait_ready(f"http://127.0.0.1:{port}/", procs[-1], log)
+    return port
+
+
+def _inherited_env() -> dict[str, str]:
+    """This process's environment without voice settings: the run's --voice decides."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key != "VOICE_PROVIDER" and not key.startswith("ELEVENLABS_")
+    }
 
 
 def _gateway_env(
@@ -117,7 +143,7 @@ def _gateway_env(
     db_path: Path,
 ) -> dict[str, str]:
     return {
-        **os.environ,
+        **_inherited_env(),
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "PUBLIC_BASE_URL": cfg.public_base_url,

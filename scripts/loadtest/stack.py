@@ -17,3 +17,4 @@ class Stack:
     db_path: Path | None = None
     simulator_pid: int | None = None  # the Realtime simulator, when spawned
     simulator_url: str | None = None  # its origin, for its own timings (GET /sim/timings)
+    voice_pid: int | None = None  # the ElevenLabs simulator, when spawned (--voice elevenlabs)

@@ -16,6 +16,7 @@ class Watches:
     gateway_url: str
     gateway: ProcWatch | None
     simulator: ProcWatch | None
+    voice: ProcWatch | None  # the ElevenLabs simulator
     machine_before: tuple[float, float]
     histograms_before: dict[str, Buckets]
 
@@ -25,6 +26,7 @@ class Watches:
             gateway_url,
             ProcWatch(stack.gateway_pid) if stack.gateway_pid else None,
             ProcWatch(stack.simulator_pid) if stack.simulator_pid else None,
+            ProcWatch(stack.voice_pid) if stack.voice_pid else None,
             read_machine(),
             await scrape_histograms(gateway_url),
         )
@@ -36,7 +38,7 @@ class Watches:
         machine = machine_report(self.machine_before, read_machine())
         histograms = await scrape_histograms(self.gateway_url)
         processes: list[ProcessReport | None] = []
-        for watch in (self.gateway, self.simulator):
+        for watch in (self.gateway, self.simulator, self.voice):
             if watch is not None:
                 await watch.stop()
             processes.append(watch.report(units, live, call_seconds) if watch else None)
@@ -47,7 +49,8 @@ class Watches:
         forwarding, gc_pauses, loop_lag = (
             histogram_report(before.get(name), histograms.get(name)) for name in SCRAPED
         )
-        return Observed(*processes, machine, forwarding, gc_pauses, loop_lag.get(""))
+        gateway, simulator, voice = processes
+        return Observed(gateway, simulator, machine, forwarding, gc_pauses, loop_lag.get(""), voice)
 
 
 @dataclass
@@ -58,3 +61,4 @@ class Observed:
     forwarding: dict[str, BucketSummary]
     gc_pauses: dict[str, BucketSummary]
     loop_lag: BucketSummary | None
+    voice: ProcessReport | None = None
