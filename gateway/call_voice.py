@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.elevenlabs import VoiceUnavailable
-from gateway.elevenlabs_stream import ElevenLabsStream, SpokenText
+from gateway.elevenlabs_stream import ElevenLabsStream, Phrases, SpokenText
 from gateway.observability import ERRORS
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class _Reply:
     spoken: SpokenText = field(default_factory=SpokenText)
     text: asyncio.Future[str] = field(default_factory=asyncio.Future)
     parts: list[str] = field(default_factory=list)  # the deltas so far
+    phrases: Phrases = field(default_factory=Phrases)
     reader: asyncio.Task[None] | None = None
     dropped: bool = False
 
@@ -55,6 +56,9 @@ class CallVoice:
         self._read_aloud = read_aloud  # the persona's "read this exactly" instruction
         self._log_id = log_id
         self._replies: dict[str, _Reply] = {}  # by item id
+        # Streams opened when a text response is created, before its first word: the
+        # handshake (TLS to ElevenLabs) is paid while the model thinks, not after.
+        self._early: dict[str, asyncio.Task[ElevenLabsStream]] = {}  # by response id
         self._stopping: set[asyncio.Future[None]] = set()
 
     # upstream -> core
@@ -65,7 +69,29 @@ class CallVoice:
             return await self._on_text_delta(event)
         if kind == "response.output_text.done":
             return self._on_text_done(event)
+        if kind == "response.created":
+            self._open_early(event.get("response"))
+        elif kind == "response.done":
+            self._close_early(event.get("response"))
         return [event]
+
+    def _open_early(self, response: Any) -> None:
+        if not isinstance(response, dict) or response.get("output_modalities") != ["text"]:
+            return
+        response_id = response.get("id")
+        if isinstance(response_id, str) and response_id not in self._early:
+            self._early[response_id] = asyncio.ensure_future(self._open_stream())
+
+    def _close_early(self, response: Any) -> None:
+        """A response that ended without a word: its early stream is not needed."""
+        response_id = response.get("id") if isinstance(response, dict) else None
+        opening = self._early.pop(str(response_id), None)
+        if opening is not None:
+            self._stopping.add(asyncio.ensure_future(self._discard(opening)))
+
+    async def _discard(self, opening: asyncio.Task[ElevenLabsStream]) -> None:
+        with contextlib.suppress(VoiceUnavailable, asyncio.CancelledError):
+            await (await opening).close()
 
     async def _on_text_delta(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         reply = self._reply_for(event)
@@ -73,10 +99,12 @@ class CallVoice:
             return []
         delta = str(event.get("delta") or "")
         reply.parts.append(delta)
-        if not reply.dropped and reply.reader is not None and not reply.reader.done():
+        phrases = reply.phrases.add(delta)
+        if phrases and not reply.dropped and reply.reader is not None and not reply.reader.done():
             with contextlib.suppress(VoiceUnavailable):  # the reader sees it and falls back
                 stream = await reply.opening
-                await stream.send_text(delta)
+                for phrase in phrases:
+                    await stream.send_phrase(phrase)
         return [{**event, "type": "response.output_audio_transcript.delta"}]
 
     def _on_text_done(self, event: dict[str, Any]) -> list[dict[str, Any]]:
@@ -96,7 +124,8 @@ class CallVoice:
             return None
         reply = self._replies.get(item_id)
         if reply is None:
-            opening = asyncio.ensure_future(self._open_stream())
+            opening = self._early.pop(response_id, None)
+            opening = opening or asyncio.ensure_future(self._open_stream())
             reply = _Reply(response_id, item_id, opening)
             reply.reader = asyncio.ensure_future(self._speak(reply))
             self._replies[item_id] = reply
@@ -130,6 +159,7 @@ class CallVoice:
 
     async def _finish_when_whole(self, reply: _Reply, stream: ElevenLabsStream) -> None:
         await asyncio.shield(reply.text)
+        await stream.send_phrase(reply.phrases.rest())
         await stream.finish()
 
     async def _fall_back(self, reply: _Reply, err: VoiceUnavailable) -> None:
@@ -196,10 +226,11 @@ class CallVoice:
     async def close(self) -> None:
         """The call ended: every stream closed, every task ended and retrieved."""
         tasks = [t for r in self._replies.values() for t in (r.reader, r.opening) if t]
-        tasks += self._stopping
+        tasks += [*self._stopping, *self._early.values()]
         for task in tasks:
             task.cancel()
         for result in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(result, ElevenLabsStream):
                 await result.close()
         self._replies.clear()
+        self._early.clear()

@@ -11,6 +11,7 @@ the SDK's own helper is synchronous, so the socket is the `websockets` library's
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +27,13 @@ from gateway.elevenlabs import VoiceUnavailable
 CALL_FORMAT = "ulaw_8000"
 ULAW_BYTES_PER_MS = 8
 # Generation starts once this many characters wait (ElevenLabs' default starts at 120): a
-# call's first words must not wait for a sentence to fill.
+# call's first words must not wait for a long sentence to fill.
 FIRST_CHUNK_CHARS = 50
+# A phrase ends at a sentence's end, or at a clause's once it is this long: shorter clauses
+# would each pay the model's first-audio latency and lose their prosody.
+MIN_CLAUSE_CHARS = 24
+_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s")
+_CLAUSE_END = re.compile(r"[,;:—]\s")
 OPEN_TIMEOUT_S = 5.0
 
 
@@ -67,6 +73,34 @@ class SpokenText:
         return "".join(self._chars[:count])
 
 
+@dataclass
+class Phrases:
+    """The model's text deltas cut into phrases: each is sent with `flush` the moment it is
+    whole, so the first words are spoken without waiting for a chunk schedule to fill."""
+
+    _pending: str = ""
+
+    def add(self, delta: str) -> list[str]:
+        self._pending += delta
+        phrases = []
+        while (end := self._boundary()) is not None:
+            phrases.append(self._pending[:end])
+            self._pending = self._pending[end:]
+        return phrases
+
+    def rest(self) -> str:
+        rest, self._pending = self._pending, ""
+        return rest
+
+    def _boundary(self) -> int | None:
+        if match := _SENTENCE_END.search(self._pending):
+            return match.end()
+        for match in _CLAUSE_END.finditer(self._pending):
+            if match.end() >= MIN_CLAUSE_CHARS:
+                return match.end()
+        return None
+
+
 def chunk_of(message: dict[str, Any]) -> Chunk | None:
     """An audio message of stream-input as a `Chunk`; None for any other message."""
     audio = message.get("audio")
@@ -82,7 +116,7 @@ def chunk_of(message: dict[str, Any]) -> Chunk | None:
 
 
 class ElevenLabsStream:
-    """One reply's stream-input websocket: `send_text` as deltas come, `finish`, then read
+    """One reply's stream-input websocket: `send_phrase` as phrases come, `finish`, then read
     `chunks()` until the end. Any failure is `VoiceUnavailable`."""
 
     def __init__(self, socket: ClientConnection) -> None:
@@ -110,9 +144,10 @@ class ElevenLabsStream:
         await stream._send(first.dict(by_alias=True, exclude_none=True))
         return stream
 
-    async def send_text(self, text: str) -> None:
-        if text:
-            message = SendText(text=text, try_trigger_generation=True)
+    async def send_phrase(self, text: str) -> None:
+        """A whole phrase, spoken now (`flush`); ElevenLabs wants text to end in a space."""
+        if text.strip():
+            message = SendText(text=text.rstrip() + " ", flush=True)
             await self._send(message.dict(exclude_none=True))
 
     async def finish(self) -> None:

@@ -76,6 +76,10 @@ class RealtimeSimConfig:
     reply_text: str = DEFAULT_REPLY
     reply: ReplyFn | None = None  # (session, last user item) -> text; overrides reply_text
     ms_per_char: float = 60.0  # reply audio length per character of text
+    # A text-only reply (output_modalities ["text"]) streams at the model's text rate, one
+    # token (~4 characters) a delta, not at its audio's pace. 300 characters/s (75 tokens/s)
+    # is an assumption, of the order of GPT-4o-class text output; speed=inf: no pacing.
+    text_chars_per_s: float = 300.0
     min_reply_ms: int = 400
     max_reply_ms: int = 20_000
     max_session_s: float = 3600.0  # then close 1001 like the real 60-minute limit

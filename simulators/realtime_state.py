@@ -340,7 +340,7 @@ class SimResponse:
     text: str = ""  # planned text/transcript
     sent_text: str = ""  # transcript/text streamed so far
     audio_sent: int = 0  # bytes of audio streamed
-    first_audio_at: float | None = None
+    first_audio_at: float | None = None  # the first audio delta (a text reply: text delta)
     first_audio_timeline_ms: float | None = None
     done_at: float | None = None
     usage: dict | None = None

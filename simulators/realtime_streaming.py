@@ -181,8 +181,10 @@ class ResponseStreaming:
             plan = plan_reply(resp, text, cfg)
             resp.text = plan.text
             self._open_item(resp, plan)
+            # text is paced by its own rate (plan_reply), audio `speed` x faster than real time
+            pace = speed if resp.modality == "audio" or math.isinf(speed) else 1.0
             for chunk in plan.chunks:
-                await asyncio.sleep(max(0.0, t0 + chunk.offset_ms / 1000 / speed - loop.time()))
+                await asyncio.sleep(max(0.0, t0 + chunk.offset_ms / 1000 / pace - loop.time()))
                 self._send_chunk(resp, chunk)
             if not resp.tool_calls or plan.status != "completed":
                 return self.finish_response(resp, plan.status, plan.reason)
@@ -277,6 +279,8 @@ class ResponseStreaming:
             delta = base64.b64encode(chunk.audio).decode()
             self.emit("response.output_audio.delta", **ids, delta=delta)
         if chunk.text:
+            if resp.first_audio_at is None and resp.modality == "text":
+                resp.first_audio_at = time.monotonic()  # a text reply's first output
             resp.sent_text += chunk.text
             kind = "output_audio_transcript" if resp.modality == "audio" else "output_text"
             self.emit(f"response.{kind}.delta", **ids, delta=chunk.text)
@@ -391,6 +395,9 @@ def reply_duration_ms(text: str, cfg: RealtimeSimConfig) -> int:
     return max(cfg.min_reply_ms, min(cfg.max_reply_ms, ms))
 
 
+TOKEN_CHARS = 4  # characters per text delta: about one token of Portuguese
+
+
 def _split(text: str, count: int) -> list[str]:
     return [text[len(text) * i // count : len(text) * (i + 1) // count] for i in range(count)]
 
@@ -407,8 +414,9 @@ def plan_reply(resp: SimResponse, text: str, cfg: RealtimeSimConfig) -> _Plan:
         status, reason = "incomplete", "max_output_tokens"
     step = max(1.0, cfg.delta_ms)
     if not audio_mode:
-        pieces = _split(text, max(1, math.ceil(duration / step)))
-        chunks = [_Chunk(i * step, b"", piece) for i, piece in enumerate(pieces)]
+        pieces = _split(text, max(1, math.ceil(len(text) / TOKEN_CHARS)))
+        token_ms = TOKEN_CHARS * 1000 / cfg.text_chars_per_s if cfg.text_chars_per_s > 0 else 0
+        chunks = [_Chunk(i * token_ms, b"", piece) for i, piece in enumerate(pieces)]
         return _Plan(text, full, duration, chunks, status, reason)
     fmt = resp.format["type"]
     audio = reply_audio(fmt, duration)

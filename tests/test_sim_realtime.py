@@ -544,6 +544,8 @@ async def test_text_modality_streams_output_text(sim: RealtimeSimulator) -> None
         assert text_done["text"] == DEFAULT_REPLY
         deltas = [e["delta"] for e in client.events if e["type"] == "response.output_text.delta"]
         assert "".join(deltas) == DEFAULT_REPLY
+        # a token a delta at the text rate, not paced like audio (2 characters per 125 ms)
+        assert len(deltas) == -(-len(DEFAULT_REPLY) // 4) and max(map(len, deltas)) <= 4
         assert not audio_of(client.events)
         assert done["response"]["output"][0]["content"] == [
             {"type": "output_text", "text": DEFAULT_REPLY}

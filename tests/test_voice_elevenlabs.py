@@ -235,3 +235,22 @@ async def test_an_upstream_drop_mid_reply_finishes_its_elevenlabs_stream_and_the
         await caller.wait_playback_idle(quiet_s=0.3)
         assert sounds_like_elevenlabs(bytes(caller.audio_received[before:]), 8000, codec="ulaw")
         assert caller.violations == [] and second.errors == []
+
+
+async def test_a_replys_elevenlabs_stream_is_opened_while_the_model_thinks(
+    call_gateway, realtime_sim, sim_config, elevenlabs_sim
+):
+    """The handshake is paid between response.created and the first word, not after it."""
+    sim_config.first_audio_latency_ms = 300
+    caller, session = await connected_call(call_gateway, realtime_sim)
+    async with caller:
+        await caller.wait_playback_idle(quiet_s=0.3)  # the greeting
+        await caller.speak_and_wait(speech_mulaw(1000, seed=3))
+        await caller.wait_playback_idle(quiet_s=0.3)
+        assert caller.violations == []
+    replies = [r for r in session.responses if r.first_audio_at is not None]
+    streams = [r for r in elevenlabs_sim.requests if r.kind == "stream_input"]
+    assert len(replies) == len(streams) == 2  # the greeting and the answer, one stream each
+    for reply, stream in zip(replies, streams, strict=True):
+        assert reply.created_at < stream.started_at < reply.first_audio_at
+        assert stream.text.strip() == reply.sent_text.strip()
