@@ -244,7 +244,8 @@ async def test_a_replys_elevenlabs_stream_is_opened_while_the_model_thinks(
     sim_config.first_audio_latency_ms = 300
     caller, session = await connected_call(call_gateway, realtime_sim)
     async with caller:
-        await caller.wait_playback_idle(quiet_s=0.3)  # the greeting
+        await caller.wait_until(lambda: caller.audio_received, WAIT_S)  # the greeting, whole
+        await caller.wait_playback_idle(quiet_s=0.3)
         await caller.speak_and_wait(speech_mulaw(1000, seed=3))
         await caller.wait_playback_idle(quiet_s=0.3)
         assert caller.violations == []
