@@ -28,9 +28,11 @@ __all__ = [
     "EventError",
     "ServerEventError",
     "check_client_event",
+    "check_event",
     "check_server_event",
     "client_event_adapter",
     "server_event_adapter",
+    "tagged_adapter",
     "unknown_keys",
 ]
 
@@ -87,7 +89,9 @@ class ServerEventError(EventError):
     """A server event that does not match the SDK's types (a simulator bug)."""
 
 
-def _tagged(alias: Any) -> TypeAdapter:
+def tagged_adapter(alias: Any) -> TypeAdapter:
+    """Adapter over an SDK union alias (`Annotated[Union[...], PropertyInfo]`), tagged on
+    `type`: pydantic ignores the SDK's own discriminator, so it is declared again here."""
     members = get_args(get_args(alias)[0])  # Annotated[Union[...], PropertyInfo] -> members
     return TypeAdapter(Annotated[Union[members], Field(discriminator="type")])  # noqa: UP007
 
@@ -131,7 +135,7 @@ def server_event_adapter() -> TypeAdapter:
     """Discriminated adapter over `RealtimeServerEvent`, built once."""
     from openai.types.realtime import RealtimeServerEvent
 
-    return _tagged(RealtimeServerEvent)
+    return tagged_adapter(RealtimeServerEvent)
 
 
 def unknown_keys(node: Any, path: str = "") -> Iterator[str]:
@@ -148,20 +152,22 @@ def unknown_keys(node: Any, path: str = "") -> Iterator[str]:
 
 def check_client_event(raw: Any) -> BaseModel:
     """Validate a client event dict; returns the SDK model or raises ClientEventError."""
-    return _check(raw, client_event_adapter(), ClientEventError, {})
+    return check_event(raw, client_event_adapter(), ClientEventError, {})
 
 
 def check_server_event(raw: Any) -> BaseModel:
     """Validate a server event dict; returns the SDK model or raises ServerEventError."""
-    return _check(raw, server_event_adapter(), ServerEventError, _SERVER_ALLOWED_EXTRAS)
+    return check_event(raw, server_event_adapter(), ServerEventError, _SERVER_ALLOWED_EXTRAS)
 
 
-def _check(
+def check_event(
     raw: Any,
     adapter: TypeAdapter,
     error_cls: type[EventError],
     allowed: dict[str, frozenset[str]],
 ) -> BaseModel:
+    """Validate `raw` with `adapter` (strict, unknown keys refused except the dotted paths
+    `allowed[type]`); the model, or `error_cls` worded like the server. Any SDK protocol."""
     if not isinstance(raw, dict):
         raise error_cls(
             f"Invalid type for event: expected an object, but got {_json_type(raw)} instead.",
