@@ -276,7 +276,12 @@ class CallState:
     rotations: int = 0
     interrupt_response: bool = True
     vad_silence_ms: int = 0
+    # GPT-Live decides when the caller is done, and says so only by answering: its wait
+    # counts as the upstream's share of the turn, from the end of speech.
+    model_owns_turns: bool = False
     caller_speaking: bool = False
+    # The head of each audio frame's event: Realtime's append, or GPT-Live's (live_dialect).
+    append_head: bytes = b'{"type":"input_audio_buffer.append","audio":'
 
     def __post_init__(self) -> None:
         self._chunker = FrameChunker(FRAME_BYTES)
@@ -305,6 +310,11 @@ class CallState:
         self._awaiting_commit = False  # speech stopped: a committed item and its words follow
         self._untranscribed: set[str] = set()  # committed caller items without their words yet
         self.tools = ToolFlow()
+
+    @property
+    def appended_ms(self) -> int:
+        """The caller's audio sent to this session so far: the session's input timeline."""
+        return self._appended_bytes // MULAW_BYTES_PER_MS
 
     @property
     def ended(self) -> bool:
@@ -371,7 +381,7 @@ class CallState:
         self._append_times.append(now)
         if len(self._append_ends) > 4096:  # ~80 s of alignment history is plenty
             del self._append_ends[:2048], self._append_times[:2048]
-        return [SendRealtimeRaw(_APPEND_HEAD + orjson.dumps(payload) + b"}")]
+        return [SendRealtimeRaw(self.append_head + orjson.dumps(payload) + b"}")]
 
     def _on_dtmf(self, msg: dict[str, Any]) -> list[Action]:
         digit = _text(_obj(msg, "dtmf"), "digit")
@@ -425,6 +435,7 @@ class CallState:
         )
         turn = _obj(audio_in, "turn_detection", required=False)
         self.interrupt_response = turn.get("interrupt_response") is True
+        self.model_owns_turns = turn.get("type") == "live"
         silence = turn.get("silence_duration_ms")
         self.vad_silence_ms = silence if isinstance(silence, int) and silence > 0 else 0
         self._attempt = 0  # a session that answers is alive: the backoff starts over
@@ -620,7 +631,8 @@ class CallState:
         # audio_end_ms includes the VAD's silence window; the caller stopped before it.
         end_ms = _whole(event, "audio_end_ms") - self.vad_silence_ms
         end_of_speech = self._wall_time_of(end_ms, now)
-        self._pending_turn = TurnTiming(end_of_speech=end_of_speech, speech_stopped_at=now)
+        stopped_at = end_of_speech if self.model_owns_turns else now
+        self._pending_turn = TurnTiming(end_of_speech=end_of_speech, speech_stopped_at=stopped_at)
         self.turns.append(self._pending_turn)
         return []
 
@@ -857,7 +869,6 @@ class CallState:
         )
 
 
-_APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":'
 _STREAMING, _LIVE = Phase.STREAMING, Upstream.LIVE
 
 

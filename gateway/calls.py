@@ -49,6 +49,9 @@ from gateway.call_state import (
     UpstreamError,
 )
 from gateway.call_voice import CallVoice
+from gateway.live_dialect import APPEND_HEAD as LIVE_APPEND_HEAD
+from gateway.live_dialect import LiveDialect, greeting_event
+from gateway.live_session import LiveSession, live_call_session
 from gateway.memory import instructions_for, load_memory_marked, news_since, with_transcript
 from gateway.observability import (
     ACTIVE_CALLS,
@@ -141,6 +144,10 @@ class LiveCall:
         self._inbound_timer = FrameTimer("inbound")
         self._outbound_timer = FrameTimer("outbound")
         self.voice = self._elevenlabs_voice()
+        # GPT-Live (VOICE_BACKEND=live): its events translated for the core, both ways.
+        self.dialect = LiveDialect() if rt.settings.voice_backend == "live" else None
+        if self.dialect is not None:
+            self.state.append_head = LIVE_APPEND_HEAD
 
     def _elevenlabs_voice(self) -> CallVoice | None:
         """Endrigo's ElevenLabs voice, when chosen: the session then answers in text."""
@@ -194,17 +201,7 @@ class LiveCall:
                 self.memory, self._mark = await load_memory_marked(self.rt.store, self.person)
                 self._memory_loaded = True
             instructions = self._instructions()
-            config = call_session(
-                self.rt.settings,
-                self.rt.voice,
-                instructions,
-                self.tools.definitions("call", self.person),
-            )
-            if self.voice is not None:
-                config["output_modalities"] = ["text"]  # ElevenLabs speaks it
-            session = await RealtimeSession.open(
-                self.rt.openai, self.rt.settings.realtime_model, config, self.policy
-            )
+            session = await self._open_session(instructions)
         except Exception as err:
             log.warning(
                 "%s: could not open a Realtime session (%s): %s: %s",
@@ -214,6 +211,8 @@ class LiveCall:
             await self.perform(self.state.upstream_open_failed(self.clock(), str(err)))
             return
         old, self.session = self.session, session
+        if self.dialect is not None:
+            self.dialect.session_replaced()
         greeting = self._greeting(instructions) if self.state.greeting_due else None
         await self.perform(self.state.upstream_opened(self.clock(), greeting))
         if old is not None and old is not session:
@@ -225,12 +224,30 @@ class LiveCall:
         if self.session is session and not session.closed:
             self._spawn(self._pump(session))
 
+    async def _open_session(self, instructions: str) -> RealtimeSession:
+        if self.dialect is not None:
+            live = live_call_session(self.rt.settings, self.rt.voice, instructions)
+            return await LiveSession.start(self.rt.openai, live, self.policy)
+        config = call_session(
+            self.rt.settings,
+            self.rt.voice,
+            instructions,
+            self.tools.definitions("call", self.person),
+        )
+        if self.voice is not None:
+            config["output_modalities"] = ["text"]  # ElevenLabs speaks it
+        return await RealtimeSession.open(
+            self.rt.openai, self.rt.settings.realtime_model, config, self.policy
+        )
+
     def _instructions(self) -> str:
         memory = with_transcript(self.memory, self.state.transcript, "call")
         return instructions_for(self.rt.persona, "call", memory)
 
     def _greeting(self, instructions: str) -> dict[str, Any]:
         greeting = greeting_instruction(self.rt.persona, "call", self.memory)
+        if self.dialect is not None:
+            return greeting_event(greeting)
         return {
             "type": "response.create",
             "response": {
@@ -259,7 +276,11 @@ class LiveCall:
             and self._outbound_timer.due()
         )
         started = time.perf_counter() if timed else 0.0
-        if self.voice is None:
+        if self.dialect is not None:
+            now = self.clock()
+            for each in self.dialect.inbound(event, now, self.state.appended_ms):
+                await self.perform(self.state.on_realtime(each, now))
+        elif self.voice is None:
             await self.perform(self.state.on_realtime(event, self.clock()))
         else:
             for each in await self.voice.on_realtime(event):
@@ -269,12 +290,20 @@ class LiveCall:
 
     # twilio
     async def on_twilio(self, message: Any) -> None:
+        if self.dialect is not None:  # Twilio's 50 frames a second are the dialect's clock
+            await self._live_tick()
         if self._inbound_timer.due():
             started = time.perf_counter()
             await self.perform(self.state.on_twilio(message, self.clock()))
             self._inbound_timer.observe_since(started)
         else:
             await self.perform(self.state.on_twilio(message, self.clock()))
+
+    async def _live_tick(self) -> None:
+        assert self.dialect is not None
+        now = self.clock()
+        for event in self.dialect.tick(now):
+            await self.perform(self.state.on_realtime(event, now))
 
     async def perform(self, actions: list[Action]) -> None:
         for action in actions:
@@ -328,6 +357,10 @@ class LiveCall:
             await self.perform(self.state.end(self.clock(), "phone socket lost"))
 
     async def _to_realtime(self, event: dict[str, Any]) -> None:
+        if self.dialect is not None:
+            for each in self.dialect.outbound(event):
+                await self._send_upstream(each)
+            return
         for each in [event] if self.voice is None else self.voice.outgoing(event):
             await self._send_upstream(each)
 
@@ -419,6 +452,8 @@ class LiveCall:
         if self.state.phase is Phase.ENDED:
             return
         actions = self.state.tick(self.clock())
+        if self.dialect is not None:  # no phone frames (not connected yet, or gone)
+            self._spawn(self._live_tick())
         if actions:
             self._spawn(self.perform(actions))
         self._arm_tick()

@@ -23,6 +23,8 @@ CUSTOM_VOICE = re.compile(r"voice_[A-Za-z0-9_-]+")  # a voice made from recordin
 VAD_TYPES = ("server_vad", "semantic_vad")
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 VOICE_PROVIDERS = ("openai", "elevenlabs")
+VOICE_BACKENDS = ("realtime", "live")  # OpenAI's Realtime API, or its successor GPT-Live
+DEFAULT_LIVE_MODEL = "gpt-live-1.1"  # the newest of the SDK's SessionConfig.model literals
 # ElevenLabs' low-latency multilingual model (Portuguese included), ~75 ms to first audio.
 DEFAULT_ELEVENLABS_MODEL = "eleven_flash_v2_5"
 DEFAULT_ELEVENLABS_BASE_URL = "https://api.elevenlabs.io"
@@ -94,6 +96,8 @@ class Settings:
     instance_id: str = "gateway"
     public_stream_base_url: str = ""  # "": PUBLIC_BASE_URL
     instance_timeout_s: float = 15.0
+    voice_backend: str = "realtime"
+    live_model: str = DEFAULT_LIVE_MODEL
     voice_provider: str = "openai"
     elevenlabs_api_key: str | None = field(default=None, repr=False)
     elevenlabs_voice_id: str | None = None
@@ -302,6 +306,13 @@ def _voice(reader: _Reader) -> dict[str, Any]:
     (the model then answers in text). ElevenLabs needs a key and a voice, except in the
     sandbox (no OpenAI key either), where its simulator stands in."""
     provider = reader.choice("VOICE_PROVIDER", "openai", VOICE_PROVIDERS)
+    backend = reader.choice("VOICE_BACKEND", "realtime", VOICE_BACKENDS)
+    if backend == "live" and provider == "elevenlabs":
+        raise SettingsError(
+            "VOICE_BACKEND",
+            "GPT-Live always answers in its own voice (no text-only replies for ElevenLabs): "
+            "set VOICE_BACKEND=realtime, or VOICE_PROVIDER=openai",
+        )
     key = reader.optional("ELEVENLABS_API_KEY")
     voice_id = reader.optional("ELEVENLABS_VOICE_ID")
     if voice_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", voice_id):
@@ -323,6 +334,8 @@ def _voice(reader: _Reader) -> dict[str, Any]:
     if provider == "elevenlabs" and key is None:
         voice_id = voice_id or SANDBOX_ELEVENLABS_VOICE
     return {
+        "voice_backend": backend,
+        "live_model": reader.text("LIVE_MODEL", DEFAULT_LIVE_MODEL),
         "voice_provider": provider,
         "elevenlabs_api_key": key,
         "elevenlabs_voice_id": voice_id,

@@ -35,8 +35,8 @@ offers is Responses delegation: `response.item.create` (any Responses input item
 `response.event` (nested Responses events: created ... output_text.delta ... completed) and
 is then spoken by the voice model (an assumption: the SDK does not say). Audio turns also
 work without delegation: append the note (faster than real time is fine) and some silence.
-`session.commentary.append` makes the model speak when it is silent (the `reply` knob sees
-the commentary item).
+`session.commentary.append` and `session.instructions.append` make the model speak when it
+is silent (the `reply` knob sees the appended item); `session.thinking.append` never does.
 
 Also: `session.update` (delegation settings, triggers), mute/unmute, instructions/thinking/
 commentary appends (acknowledged with their timeline position), audio fixtures
@@ -876,7 +876,11 @@ class LiveSession:
     # -- appended context --
 
     def _on_session_instructions_append(self, raw: dict) -> None:
-        self._append_context(raw, "instructions")
+        # A silent model acts on new instructions (a greeting asked for this way is spoken,
+        # reported ~1.2 s later in aplisay/llm-agent#306); thinking stays silent.
+        item = self._append_context(raw, "instructions")
+        if item is not None and self.active_reply is None:
+            self.start_reply("instructions", item)
 
     def _on_session_thinking_append(self, raw: dict) -> None:
         self._append_context(raw, "thinking")

@@ -53,6 +53,8 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import WSMsgType, web
 
+from simulators.live_config import LiveSimConfig
+
 # The simulator's building blocks, each in a module named for its job; their public names
 # are re-exported here (`__all__`), where tests and tools have always imported them from.
 from simulators.realtime_audio import (
@@ -532,14 +534,21 @@ def _openai_error(message: str, code: str | None = None) -> dict:
 class RealtimeSimulator:
     """The aiohttp server: `GET /v1/realtime?model=...` upgraded to a Realtime session."""
 
-    def __init__(self, config: RealtimeSimConfig | None = None) -> None:
+    def __init__(
+        self, config: RealtimeSimConfig | None = None, live_config: LiveSimConfig | None = None
+    ) -> None:
+        from simulators.live import LiveSimulator  # it borrows this module's websocket link
+
         self.config = config or RealtimeSimConfig()
         self.sessions: list[SimSession] = []
         self.app = web.Application()
         self.attach(self.app)
-        # The sibling text API the summarizer uses, on the same base URL as the real one.
+        # The sibling APIs on the same base URL as the real ones: the text API the summarizer
+        # uses, and GPT-Live (VOICE_BACKEND=live).
         self.responses = ResponsesSimulator()
         self.responses.attach(self.app)
+        self.live = LiveSimulator(live_config)
+        self.live.attach(self.app)
         self.app.router.add_get("/sim/timings", self._timings)  # ours, not an OpenAI route
         self.port: int | None = None
         self.host = "127.0.0.1"

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import create_app
 from gateway.runtime import RUNTIME, Runtime
 from gateway.settings import Settings
+from simulators.live_config import LiveSimConfig
 from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 from simulators.twilio import TwilioSimulator
 from tests.pg import pg_url  # noqa: F401  (a session fixture, shared by every test)
@@ -124,8 +125,16 @@ def sim_config() -> RealtimeSimConfig:
 
 
 @pytest.fixture
-async def realtime_sim(sim_config: RealtimeSimConfig) -> AsyncIterator[RealtimeSimulator]:
-    sim = RealtimeSimulator(sim_config)
+def live_sim_config() -> LiveSimConfig:
+    """The GPT-Live simulator's knobs (it shares the Realtime simulator's base URL)."""
+    return LiveSimConfig(first_audio_latency_ms=80, speed=8.0)
+
+
+@pytest.fixture
+async def realtime_sim(
+    sim_config: RealtimeSimConfig, live_sim_config: LiveSimConfig
+) -> AsyncIterator[RealtimeSimulator]:
+    sim = RealtimeSimulator(sim_config, live_sim_config)
     await sim.start(host="127.0.0.1", port=0)
     yield sim
     await sim.close()

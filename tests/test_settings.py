@@ -146,6 +146,13 @@ def test_the_voice_is_openai_unless_elevenlabs_is_chosen_and_complete():
     assert sandbox.sandbox_elevenlabs and sandbox.elevenlabs_voice_id
 
 
+def test_the_backend_is_realtime_unless_gpt_live_is_chosen():
+    s = Settings.from_env({})
+    assert (s.voice_backend, s.live_model) == ("realtime", "gpt-live-1.1")
+    live = Settings.from_env({"VOICE_BACKEND": "live", "LIVE_MODEL": "gpt-live-1"})
+    assert (live.voice_backend, live.live_model) == ("live", "gpt-live-1")
+
+
 @pytest.mark.parametrize(
     ("env", "variable"),
     [
@@ -163,6 +170,9 @@ def test_the_voice_is_openai_unless_elevenlabs_is_chosen_and_complete():
             {"VOICE_PROVIDER": "elevenlabs", "ELEVENLABS_VOICE_ID": "has spaces"},
             "ELEVENLABS_VOICE_ID",
         ),
+        ({"VOICE_BACKEND": "gemini"}, "VOICE_BACKEND"),
+        # GPT-Live has no text-only replies for ElevenLabs to speak.
+        ({"VOICE_BACKEND": "live", "VOICE_PROVIDER": "elevenlabs"}, "VOICE_BACKEND"),
     ],
 )
 def test_a_bad_voice_combination_names_its_variable(env, variable):

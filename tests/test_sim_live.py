@@ -319,8 +319,8 @@ async def test_appended_context_mute_and_an_audio_fixture(make_sim: Callable[...
     sim = await make_sim(reply=lambda session, item: item.text if item else "")
     async with connect(sim, audio={"format": PCMU}) as c:
         await c.append(silence_mulaw(400), frame=8 * 400)
-        await c.conn.session.instructions.append(content="Seja breve.", delegation_id=None)
-        ack = await c.until("session.instructions.appended")
+        await c.conn.session.thinking.append(content="Seja breve.", delegation_id=None)
+        ack = await c.until("session.thinking.appended")  # silent: no reply
         await c.conn.session.commentary.append(
             content="Bom dia! Aqui é o Endrigo.", delegation_id=None
         )
@@ -345,7 +345,7 @@ async def test_appended_context_mute_and_an_audio_fixture(make_sim: Callable[...
         "Bom dia! Aqui é o Endrigo."
     )
     # Muted speech reached the model as silence: no turn, no reply.
-    assert [i.source for i in c.session.history] == ["instructions", "commentary", "reply"]
+    assert [i.source for i in c.session.history] == ["thinking", "commentary", "reply"]
     fixture_deltas = c.events[c.events.index(muted) :]
     played = b"".join(
         base64.b64decode(e["delta"])

@@ -1,0 +1,81 @@
+"""The GPT-Live link (VOICE_BACKEND=live): a call's session config and one Live websocket
+through the official SDK (`client.live.connect()`, `/v1/live/sessions`).
+
+The socket is the same kind as Realtime's (the SDK's websocket connection base), so
+`RealtimeSession`'s bounded send, hot-path `send_bytes`, receive and close are reused; only
+the opening differs. Live wants `session.start` first and its `session.started` before any
+audio, so `open` waits for that answer (bounded by the open timeout) and hands it to the
+first `recv`, where the call sees it like any event. Mapping Live's events onto the call
+core is `live_dialect.py`'s job; docs/gpt-live.md says why each choice was made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from openai import AsyncOpenAI
+
+from gateway.bridge import LinkPolicy, NotJson, RealtimeSession, voice_param
+from gateway.settings import Settings
+
+CALL_FORMAT = {"type": "audio/pcmu", "rate": 8000}  # Twilio's frames pass through untouched
+
+
+class LiveRefused(Exception):
+    """The Live service answered `session.start` with an error, or with anything else."""
+
+
+def live_call_session(settings: Settings, voice: str, instructions: str) -> dict[str, Any]:
+    """A phone call: mu-law 8 kHz both ways (Live has one format for both). The memory stays
+    in the instructions, as on Realtime: they fit Live's 16,384 tokens with room to spare, and
+    its seeded `input` (128 messages) adds nothing the instructions do not already carry."""
+    return {
+        "model": settings.live_model,
+        "instructions": instructions,
+        "audio": {"format": CALL_FORMAT, "output": {"voice": voice_param(voice)}},
+    }
+
+
+class LiveSession(RealtimeSession):
+    """One GPT-Live websocket session, opened and started."""
+
+    def __init__(self, manager: Any, connection: Any, policy: LinkPolicy) -> None:
+        super().__init__(manager, connection, policy)
+        self._started: Any = None  # session.started, for the first recv
+
+    @classmethod
+    async def start(
+        cls, client: AsyncOpenAI, session: dict[str, Any], policy: LinkPolicy | None = None
+    ) -> LiveSession:
+        """Connect, send `session.start` and wait for `session.started`, all within
+        `open_timeout_s`; a refusal is `LiveRefused`, and a half-open socket is cut."""
+        policy = policy or LinkPolicy()
+        manager = client.live.connect(websocket_connection_options=policy.connection_options())
+        async with asyncio.timeout(policy.open_timeout_s):
+            connection = await manager.enter()
+            opened = cls(manager, connection, policy)
+            try:
+                await opened.send({"type": "session.start", "session": session})
+                opened._started = await opened._answer()
+            except BaseException:
+                await opened.abort()
+                raise
+        return opened
+
+    async def _answer(self) -> Any:
+        event = await super().recv()
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "session.started":
+            return event
+        if kind == "error":
+            error = event.get("error") or {}
+            raise LiveRefused(f"{error.get('code')}: {error.get('message')}")
+        shown = event.preview if isinstance(event, NotJson) else kind
+        raise LiveRefused(f"expected session.started, got {shown!r}")
+
+    async def recv(self) -> Any:
+        if self._started is not None:
+            started, self._started = self._started, None
+            return started
+        return await super().recv()
