@@ -212,7 +212,7 @@ class LiveCall:
             return
         old, self.session = self.session, session
         if self.dialect is not None:
-            self.dialect.session_replaced()
+            self._record_live_usage(self.dialect.session_replaced())
         greeting = self._greeting(instructions) if self.state.greeting_due else None
         await self.perform(self.state.upstream_opened(self.clock(), greeting))
         if old is not None and old is not session:
@@ -399,6 +399,8 @@ class LiveCall:
             self._opening.cancel()  # an open that completes now would bill a greeting
         if self.session is not None:
             self._spawn(self.session.close())
+        if self.dialect is not None:
+            self._record_live_usage(self.dialect.bill())
         if self.finished.is_set():
             return  # a session that opened after the end: closed above, nothing else to do
         if self._ticker is not None:
@@ -442,6 +444,17 @@ class LiveCall:
                 model=self.rt.settings.realtime_model,
             )
         )
+
+    def _record_live_usage(self, seconds: float) -> None:
+        """GPT-Live bills seconds of session: one row of its model for what it reported."""
+        if seconds <= 0 or self.person is None or self.rt.store is None:
+            return
+        self._write(
+            self.rt.store.add_usage(
+                self.person.id, self.conversation_id, None,
+                session_seconds=seconds, model=self.rt.settings.live_model,
+            )
+        )  # fmt: skip
 
     # lifecycle
     def _arm_tick(self) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 APPEND_HEAD = b'{"type":"session.input_audio.append","audio":'
 REPLY_GAP_S = 0.6  # no voiced output this long: the reply is over (Live says nothing)
 MAX_APPEND_CHARS = 1800  # Live caps appended context at 500 tokens
-_SILENT_ULAW = b"\xff\x7f"  # mu-law's two codes for zero
+SILENT_ULAW = b"\xff\x7f"  # mu-law's two codes for zero
+SILENT_PCM = b"\x00"  # PCM16's zero, both bytes
 _DROPPED = frozenset(
     {
         "conversation.item.truncate",
@@ -58,18 +59,30 @@ class _Heard:
 
 
 class LiveDialect:
-    def __init__(self, reply_gap_s: float = REPLY_GAP_S) -> None:
+    def __init__(self, reply_gap_s: float = REPLY_GAP_S, silence: bytes = SILENT_ULAW) -> None:
         self.reply_gap_s = reply_gap_s
-        self.usage_seconds = 0.0  # cumulative, as Live reports it (never summed)
+        self.silence = silence  # the byte values of the session format's digital silence
+        self.usage_seconds = 0.0  # the session's, cumulative as Live reports it (never summed)
+        self._billed_seconds = 0.0
         self._ids = itertools.count(1)
         self._reply: _Reply | None = None
         self._heard: _Heard | None = None  # the caller's turn, while they speak
         self._closing: _Heard | None = None  # their turn being answered; its last words may
         # come after the reply began (Live's transcript lags its audio)
 
-    def session_replaced(self) -> None:
-        """A new session: nothing of the old one's reply or words goes on."""
+    def session_replaced(self) -> float:
+        """A new session: nothing of the old one's reply or words goes on; returns the old
+        one's seconds not billed yet."""
+        unbilled = self.bill()
         self._reply = self._heard = self._closing = None
+        self.usage_seconds = self._billed_seconds = 0.0
+        return unbilled
+
+    def bill(self) -> float:
+        """The session's seconds reported since the last bill (Live's usage is cumulative)."""
+        unbilled = max(0.0, self.usage_seconds - self._billed_seconds)
+        self._billed_seconds = max(self._billed_seconds, self.usage_seconds)
+        return unbilled
 
     # Live -> core
     def inbound(self, event: Any, now: float, input_ms: int) -> list[Any]:
@@ -102,7 +115,7 @@ class LiveDialect:
         delta = event.get("delta")
         if not isinstance(delta, str):
             return [{**event, "type": "response.output_audio.delta"}]  # the core refuses it
-        voiced = _voiced(delta)
+        voiced = _voiced(delta, self.silence)
         if self._reply is None and not voiced:
             return []  # the silence Live streams between replies
         events = self._begin_reply(now, input_ms)
@@ -223,12 +236,12 @@ def silent_context(text: str) -> dict[str, Any]:
             "delegation_id": None}  # fmt: skip
 
 
-def _voiced(delta: str) -> bool:
+def _voiced(delta: str, silence: bytes) -> bool:
     try:
         audio = base64.b64decode(delta, validate=True)
     except (binascii.Error, ValueError):
         return True  # not ours to judge: the core refuses it
-    return bool(audio.strip(_SILENT_ULAW))
+    return bool(audio.strip(silence))
 
 
 def _item_text(item: Any) -> str:

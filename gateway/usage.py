@@ -12,7 +12,8 @@ MILLION = 1_000_000
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per 1M tokens (the Realtime models), or per 1,000 characters (ElevenLabs')."""
+    """USD per 1M tokens (the Realtime models), per 1,000 characters (ElevenLabs'), or per
+    minute of session (GPT-Live's)."""
 
     text_in: float = 0.0
     text_out: float = 0.0
@@ -20,6 +21,7 @@ class Prices:
     audio_out: float = 0.0
     cached_in: float = 0.0
     per_1k_characters: float = 0.0
+    per_minute: float = 0.0
 
 
 class PriceTableError(ValueError):
@@ -52,7 +54,10 @@ def cost_usd(prices: Prices | None, row: dict[str, Any]) -> float | None:
         + audio_out * prices.audio_out
     )
     characters = row.get("characters") or 0
-    return total / MILLION + characters * prices.per_1k_characters / 1000
+    minutes = (row.get("session_seconds") or 0) / 60
+    return (
+        total / MILLION + characters * prices.per_1k_characters / 1000 + minutes * prices.per_minute
+    )
 
 
 def priced(

@@ -32,6 +32,8 @@ from gateway.bridge import (
     voice_note_session,
 )
 from gateway.elevenlabs import VoiceUnavailable
+from gateway.live_dialect import LiveDialect, silent_context
+from gateway.live_session import LiveSession
 from gateway.memory import instructions_for, load_memory_marked, news_since
 from gateway.observability import ERRORS
 from gateway.persona import Channel, MemoryContext, greeting_instruction
@@ -42,6 +44,13 @@ from gateway.tool_runner import ToolContext, ToolRunner
 from gateway.tools import ToolCall
 from gateway.transcode import PCM24K_BYTES_PER_MS, OpusEncoder
 from gateway.usage import token_counts
+from gateway.whatsapp_live import (
+    TRAILING_SILENCE_MS,
+    LiveInput,
+    collect_live,
+    live_note_session,
+    note_dialect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +330,8 @@ class _Warm:
     forgotten: bool = False  # the person was erased: never reopened, nothing written
     mark: int = 0  # the newest turn id the session knows of; later ones elsewhere are news
     our_number: str | None = None  # the number the person wrote to ("whatsapp:+55...")
+    live: LiveInput | None = None  # on GPT-Live (VOICE_BACKEND=live): what it has heard
+    dialect: LiveDialect | None = None
 
     @property
     def usable(self) -> bool:
@@ -409,18 +420,22 @@ class WarmSessions:
         rt, settings = self.rt, self.rt.settings
         warm.memory, warm.mark = await load_memory_marked(rt.store, warm.person)
         instructions = instructions_for(rt.persona, channel, warm.memory)
-        warm.session = await RealtimeSession.open(
-            rt.openai,
-            settings.realtime_model,
-            voice_note_session(
-                settings, rt.voice, instructions, self.tools.definitions("whatsapp", warm.person)
-            ),
-            self.policy,
-        )
+        if settings.voice_backend == "live":
+            live = live_note_session(settings, rt.voice, instructions)
+            warm.session = session = await LiveSession.start(rt.openai, live, self.policy)
+            warm.live, warm.dialect = LiveInput(session), note_dialect()
+        else:
+            tools = self.tools.definitions("whatsapp", warm.person)
+            config = voice_note_session(settings, rt.voice, instructions, tools)
+            warm.session = await RealtimeSession.open(
+                rt.openai, settings.realtime_model, config, self.policy
+            )
         warm.channel, warm.responses = channel, 0
         warm.conversation_id = await rt.store.start_conversation(warm.person.id, "whatsapp")
 
     async def _turn(self, warm: _Warm, turn: TurnInput, log_id: str) -> VoiceReply:
+        if warm.live is not None:
+            return await self._live_turn(warm, turn, log_id)
         session = warm.session
         assert session is not None
         started = time.monotonic()
@@ -453,6 +468,66 @@ class WarmSessions:
         )
         await self._record_usage(warm, collector, reply.audio_ms)
         return reply
+
+    async def _live_turn(self, warm: _Warm, turn: TurnInput, log_id: str) -> VoiceReply:
+        """The message put to GPT-Live as its protocol allows (whatsapp_live.py); no tools:
+        Live's voice model has none."""
+        heard, dialect = warm.live, warm.dialect
+        assert heard is not None and dialect is not None
+        started = time.monotonic()
+        for context in await self._live_context(warm, turn):
+            await heard.session.send(context)
+        if isinstance(turn, TextInput):
+            await heard.text(self.rt.persona, turn.text)
+        else:
+            await heard.audio(turn.pcm)
+            await heard.silence(TRAILING_SILENCE_MS)
+        encoder = BackgroundEncoder()
+        is_audio = isinstance(turn, AudioInput)
+        collector = ReplyCollector(encoder.push, wants_user_transcript=is_audio)
+        try:
+            async with asyncio.timeout(TURN_TIMEOUT_S):
+                await collect_live(heard, dialect, collector.on_event, lambda: _whole(collector))
+        except BaseException:
+            encoder.cancel()
+            raise
+        if collector.error is not None:
+            encoder.cancel()
+            raise TurnFailed(collector.error)
+        warm.responses += 1
+        notes, audio_ms = await encoder.finish(), encoder.duration_ms
+        await heard.silence(audio_ms)  # the reply "played" on Live's clock: it keeps it all
+        reply = self._reply(warm, turn, collector, notes, audio_ms)
+        await self._record_live_usage(warm, dialect.bill())
+        log.info("whatsapp %s: GPT-Live reply of %d ms audio, %d chars in %.0f ms", log_id,
+                 reply.audio_ms, len(reply.text), (time.monotonic() - started) * 1000)  # fmt: skip
+        return reply
+
+    async def _record_live_usage(self, warm: _Warm, seconds: float) -> None:
+        """GPT-Live bills seconds of session: what it reported since the last turn."""
+        if warm.forgotten or seconds <= 0:
+            return
+        try:
+            await self.rt.store.add_usage(
+                warm.person.id, warm.conversation_id, None,
+                session_seconds=seconds, model=self.rt.settings.live_model,
+            )  # fmt: skip
+        except Erased:
+            log.info("GPT-Live usage not kept: the person was erased")
+        except Exception:  # accounting must never cost the person their reply
+            log.exception("could not record GPT-Live usage")
+
+    async def _live_context(self, warm: _Warm, turn: TurnInput) -> list[dict[str, Any]]:
+        """News from other channels, and a greeting when due, as silent context: Live's
+        instructions are fixed at start, and an appended instruction would be answered."""
+        news, warm.mark = await news_since(
+            self.rt.store, self.rt.persona, warm.person.id, warm.mark, warm.conversation_id
+        )
+        contexts = [] if news is None else LiveDialect().outbound(news)
+        if warm.responses == 0 and _should_greet(warm.memory):
+            greeting = greeting_instruction(self.rt.persona, channel_of(turn), warm.memory)
+            contexts.append(silent_context(greeting))
+        return contexts
 
     async def _tool_rounds(
         self,
@@ -592,6 +667,10 @@ class WarmSessions:
         if conversation_id is not None:
             with contextlib.suppress(Exception):  # the store may already be closing
                 await self.rt.store.end_conversation(conversation_id)
+
+
+def _whole(collector: ReplyCollector) -> bool:
+    return collector.finished and collector.user_transcript_settled
 
 
 def _should_greet(memory: MemoryContext | None) -> bool:

@@ -10,13 +10,17 @@ import base64
 
 import pytest
 
+from gateway.transcode import encode_ogg_opus
+from gateway.usage import cost_usd
 from simulators.caller import SimulatedCaller
 from simulators.live_config import LiveSimConfig
-from simulators.speech import speech_mulaw
+from simulators.speech import speech_mulaw, speech_pcm24k
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.store_helpers import open_db
 from tests.test_calls import CALLER, LONG_REPLY
 from tests.test_memory import WA_FACT, wait_until, whatsapp_text
+from tests.test_voice_elevenlabs import note_pcm
+from tests.test_whatsapp import REPLY, USER, harness_for, new_sid
 
 SAID = "Quero anunciar a minha fazenda de café em Franca"
 
@@ -42,6 +46,17 @@ async def live_call(gateway, realtime_sim, number: str = CALLER):
     return caller, await realtime_sim.live.wait_for_session(
         count=len(realtime_sim.live.sessions) + 1
     )
+
+
+def output_audio(session) -> bytes:
+    return b"".join(
+        base64.b64decode(e["delta"]) for e in session.events("session.output_audio.delta")
+    )
+
+
+async def live_usage(gateway, person_id: int) -> list[dict]:
+    rows = await gateway.runtime.store.usage_by_model(person_id)
+    return [r for r in rows if r["model"].startswith("gpt-live")]
 
 
 def client_types(session) -> list[str]:
@@ -119,7 +134,7 @@ async def test_barge_in_on_gpt_live_clears_the_phone_and_keeps_what_was_heard(
 
 
 async def test_a_live_call_stores_its_turns_and_latency_with_the_person(gateway, realtime_sim):
-    caller, _ = await live_call(gateway, realtime_sim)
+    caller, session = await live_call(gateway, realtime_sim)
     async with caller:
         await caller.wait_until(lambda: caller.audio_received, 5)
         await caller.wait_playback_idle(quiet_s=0.3)
@@ -148,6 +163,13 @@ async def test_a_live_call_stores_its_turns_and_latency_with_the_person(gateway,
     # End of speech (the last word's end_ms) -> first frame; Live's own turn-taking inside.
     assert reply[0] >= reply[1] > 0
     assert reply[1] < 800  # S (500 ms of silence) + F (80 ms), not from the first word
+    # Live bills seconds of session: the person's usage carries what Live last reported.
+    reported = session.events("session.usage.updated")[-1]["usage"]["seconds"]
+    await wait_until(lambda: live_usage(gateway, person.id))
+    [row] = await live_usage(gateway, person.id)
+    assert row["session_seconds"] == reported > 0
+    prices = gateway.runtime.prices["gpt-live-1"]
+    assert cost_usd(prices, row) == pytest.approx(reported / 60 * prices.per_minute)
 
 
 async def test_memory_crosses_channels_with_calls_on_gpt_live(gateway, realtime_sim, twilio_sim):
@@ -171,9 +193,58 @@ async def test_memory_crosses_channels_with_calls_on_gpt_live(gateway, realtime_
     async def call_kept() -> bool:
         return any(t.text == SAID for t in await store.recent_turns(person.id))
 
-    await wait_until(call_kept)  # and the next WhatsApp session (Realtime) is told of it
+    await wait_until(call_kept)  # and the person's WhatsApp session, also on Live, hears of it
     await whatsapp_text(gateway, twilio_sim, number, "Lembra do que falei na ligação?", name="Ana")
-    chats = [s for s in realtime_sim.sessions
-             if any(t.event.get("type") == "session.update" for t in s.received)]  # fmt: skip
-    text = "\n".join(str(t.event) for s in chats for t in s.received)
-    assert SAID in text
+    [chat] = [s for s in realtime_sim.live.sessions if s is not session]
+    news = [e["content"] for e in chat.client_events("session.thinking.append")]
+    assert any(SAID in n for n in news)  # silent context: told, not to be answered on its own
+    assert chat.errors == []
+
+
+# ---- WhatsApp on GPT-Live ----------------------------------------------------------------
+
+
+async def test_a_whatsapp_text_on_gpt_live_gets_its_text_and_voice_note(
+    gateway, twilio_sim, realtime_sim, live_sim_config
+):
+    live_sim_config.reply_text = REPLY
+    async with harness_for(gateway, twilio_sim, realtime_sim) as wa:
+        result = await wa.sender.send_text("Oi, quero anunciar minha fazenda")
+        text, voice = await wa.replies(2)
+        assert await wa.settled(result.message_sid) == "done"
+        note = await note_pcm(voice.media_urls[0])
+    assert text.body == REPLY and voice.body == ""
+    [session] = realtime_sim.live.sessions
+    assert session.errors == [] and realtime_sim.sessions == []  # Live only, no Realtime
+    [start] = session.client_events("session.start")
+    assert start["session"]["audio"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    # The written message reached the model as an instruction it answered out loud.
+    asked = [e["content"] for e in session.client_events("session.instructions.append")]
+    assert len(asked) == 1 and "Oi, quero anunciar minha fazenda" in asked[0]
+    # The voice note is Live's reply audio, whole (Opus-coded, so compared by length).
+    sent = b"".join(
+        base64.b64decode(e["delta"]) for e in session.events("session.output_audio.delta")
+    )
+    assert abs(len(note) - len(sent)) <= 2 * 24 * 40  # within 40 ms of codec framing
+    assert sum(i.role == "assistant" and i.text == REPLY for i in session.history) == 1
+
+
+async def test_a_whatsapp_voice_note_on_gpt_live_is_heard_and_answered(
+    gateway, twilio_sim, realtime_sim, live_sim_config
+):
+    live_sim_config.reply_text = REPLY
+    spoken = speech_pcm24k(1500, seed=5)
+    async with harness_for(gateway, twilio_sim, realtime_sim) as wa:
+        sid = new_sid("MM")
+        url = twilio_sim.add_media(encode_ogg_opus(spoken), "audio/ogg", message_sid=sid)
+        assert (await wa.sender.send_media(url, "audio/ogg", message_sid=sid)).status == 200
+        text, voice = await wa.replies(2)
+        await wa.settled(sid)
+    assert text.body == REPLY and voice.media_urls
+    [session] = realtime_sim.live.sessions
+    assert session.errors == []
+    assert len(session.input_audio) >= 2 * 24 * 1500  # the whole note, then silence
+    store = gateway.runtime.store
+    person = await store.person_by_number(USER)
+    turns = await store.recent_turns(person.id)
+    assert [(t.role, t.text) for t in turns] == [("user", SAID), ("assistant", REPLY)]

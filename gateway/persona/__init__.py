@@ -84,6 +84,7 @@ PROMPT_FIELDS: dict[str, set[str]] = {
     "user_label": set(),
     "assistant_label": set(),
     "clipped": set(),
+    "written_message": {"text"},
 }
 CHANNEL_GREETING_FIELDS = {"greeting"}
 # tools.toml: the texts the model reads about each tool (the names are the code's contract).

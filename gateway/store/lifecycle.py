@@ -144,7 +144,8 @@ class LifecycleQueries:
             "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, "
             "SUM(input_audio_tokens) AS input_audio_tokens, "
             "SUM(output_audio_tokens) AS output_audio_tokens, "
-            "SUM(audio_seconds) AS audio_seconds, SUM(characters) AS characters "
+            "SUM(audio_seconds) AS audio_seconds, SUM(characters) AS characters, "
+            "SUM(session_seconds) AS session_seconds "
             "FROM usage WHERE person_id = ? AND at >= ? "
             "GROUP BY model",
             (person_id, since or ""),

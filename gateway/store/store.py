@@ -435,11 +435,12 @@ class Store(LifecycleQueries, LeadQueries):
         audio_seconds: float = 0.0,
         model: str | None = None,
         characters: int = 0,
+        session_seconds: float = 0.0,
     ) -> None:
         await self._db.execute(
             "INSERT INTO usage (person_id, conversation_id, response_id, input_tokens, "
             "output_tokens, input_audio_tokens, output_audio_tokens, audio_seconds, at, model, "
-            "characters) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "characters, session_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 person_id,
                 conversation_id,
@@ -452,6 +453,7 @@ class Store(LifecycleQueries, LeadQueries):
                 utcnow(),
                 model,
                 characters,
+                session_seconds,
             ),
         )
 

@@ -1,0 +1,89 @@
+"""WhatsApp turns on GPT-Live (VOICE_BACKEND=live), as far as its voice model allows.
+
+Live has no manual turns: no commit, no user text item, no response.create for the voice
+model (docs/gpt-live.md §5). So a message is put to it the way the protocol does allow:
+
+* A voice note is appended as PCM16 24 kHz (Live's one format, both ways), faster than real
+  time, then enough silence for the model's own turn-taking to end the person's turn.
+* A written message is handed over as an instruction (`session.instructions.append`, at most
+  500 tokens), which the model answers out loud; the persona words the hand-over.
+
+The reply is read with the call's `LiveDialect`, which turns Live's stream into the
+response events `ReplyCollector` already reads, so the voice note is encoded as it comes.
+After it, silence as long as the reply is appended: Live keeps what it had time to "play"
+on its input clock, and the whole reply was delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+from gateway.bridge import voice_param
+from gateway.live_dialect import MAX_APPEND_CHARS, SILENT_PCM, LiveDialect
+from gateway.live_session import LiveSession
+from gateway.persona import Persona
+from gateway.settings import Settings
+from gateway.transcode import PCM24K_BYTES_PER_MS
+
+NOTE_FORMAT = {"type": "audio/pcm", "rate": 24000}
+APPEND_MS = 1000  # per append event (Live acknowledges none)
+TRAILING_SILENCE_MS = 1200  # past the model's end-of-turn silence (the simulator's is 500 ms)
+TICK_S = 0.1  # how often the reply's end is looked for while no event comes
+
+
+def live_note_session(settings: Settings, voice: str, instructions: str) -> dict[str, Any]:
+    return {
+        "model": settings.live_model,
+        "instructions": instructions,
+        "audio": {"format": NOTE_FORMAT, "output": {"voice": voice_param(voice)}},
+    }
+
+
+def note_dialect() -> LiveDialect:
+    return LiveDialect(silence=SILENT_PCM)
+
+
+class LiveInput:
+    """What one person's Live session has heard: its input timeline, in ms."""
+
+    def __init__(self, session: LiveSession) -> None:
+        self.session = session
+        self.input_ms = 0
+
+    async def audio(self, pcm: bytes) -> None:
+        step = APPEND_MS * PCM24K_BYTES_PER_MS
+        for start in range(0, len(pcm), step):
+            chunk = pcm[start : start + step]
+            event = {"type": "session.input_audio.append",
+                     "audio": base64.b64encode(chunk).decode()}  # fmt: skip
+            await self.session.send(event)
+            self.input_ms += len(chunk) // PCM24K_BYTES_PER_MS
+
+    async def silence(self, ms: int) -> None:
+        await self.audio(bytes(max(0, ms) * PCM24K_BYTES_PER_MS))
+
+    async def text(self, persona: Persona, text: str) -> None:
+        content = persona.prompt["written_message"].format(text=text)[:MAX_APPEND_CHARS]
+        event = {"type": "session.instructions.append", "content": content, "delegation_id": None}
+        await self.session.send(event)
+
+
+async def collect_live(
+    heard: LiveInput, dialect: LiveDialect, on_event: Any, finished: Any
+) -> None:
+    """Live's events, as response events, into `on_event` until `finished()`; the dialect's
+    clock runs between events, since a reply's end is a silence, not an event."""
+    while not finished():
+        try:
+            async with asyncio.timeout(TICK_S):
+                event = await heard.session.recv()
+        except TimeoutError:
+            events = dialect.tick(time.monotonic())
+        else:
+            now = time.monotonic()
+            events = dialect.inbound(event, now, heard.input_ms) + dialect.tick(now)
+        for each in events:
+            on_event(each)
