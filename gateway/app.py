@@ -100,10 +100,14 @@ async def _sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.sandbox_realtime or settings.sandbox_twilio or settings.sandbox_elevenlabs:
         _simulators_present(settings)
     if settings.sandbox_realtime:
+        from simulators.live_config import LiveSimConfig
         from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
 
+        # One simulated OpenAI, both APIs on its base URL (GPT-Live too, VOICE_BACKEND=live).
+        first_audio = settings.sim_first_audio_ms
         rt.realtime_sim = RealtimeSimulator(
-            RealtimeSimConfig(first_audio_latency_ms=settings.sim_first_audio_ms)
+            RealtimeSimConfig(first_audio_latency_ms=first_audio),
+            LiveSimConfig(first_audio_latency_ms=first_audio),
         )
         await rt.realtime_sim.start(host="127.0.0.1", port=0)
     if settings.sandbox_twilio:

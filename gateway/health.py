@@ -29,6 +29,13 @@ def health_report(rt: Runtime, store_ok: bool) -> dict[str, Any]:
             "model": rt.settings.realtime_model,
             "voice": rt.voice,
         },
+        # Which OpenAI API answers calls and WhatsApp (VOICE_BACKEND), and its model.
+        "model": {
+            "backend": rt.settings.voice_backend,
+            "name": rt.settings.live_model
+            if rt.settings.voice_backend == "live"
+            else rt.settings.realtime_model,
+        },
         "twilio": {
             "configured": not rt.settings.sandbox_twilio,
             "backend": rt.twilio_backend,

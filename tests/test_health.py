@@ -32,6 +32,28 @@ async def test_health_in_sandbox_says_simulators_are_in_use(start_gateway):
     assert body["realtime"]["backend"] == "simulator"
     assert body["twilio"] == {"configured": False, "backend": "simulator"}
     assert body["voice"] == {"provider": "openai", "backend": "simulator"}
+    assert body["model"] == {"backend": "realtime", "name": "gpt-realtime-2.1"}
+
+
+async def test_the_sandbox_answers_a_call_on_gpt_live_when_it_is_chosen(start_gateway):
+    from simulators.caller import SimulatedCaller
+    from simulators.speech import speech_mulaw
+
+    gw = await start_gateway({"VOICE_BACKEND": "live"})
+    status, body = await get_json(f"{gw.url}/health")
+    assert status == 200 and body["sandbox"] is True
+    assert body["model"] == {"backend": "live", "name": "gpt-live-1.1"}
+    rt = gw.runtime
+    token = rt.twilio_auth_token
+    async with SimulatedCaller(gw.url, gw.url, token, rt.twilio_account_sid) as caller:
+        assert (await caller.dial()).status == 200
+        await caller.connect()
+        await caller.wait_until(lambda: caller.audio_received, 10)  # greeted, by Live
+        await caller.wait_playback_idle(quiet_s=0.3, timeout=30)
+        turn = await caller.speak_and_wait(speech_mulaw(900, seed=1))
+        assert turn.latency_s is not None and caller.violations == []
+    [session] = rt.realtime_sim.live.sessions
+    assert session.errors == [] and rt.realtime_sim.sessions == []
 
 
 async def test_the_sandbox_simulates_elevenlabs_when_it_is_chosen(start_gateway):
