@@ -320,3 +320,18 @@ async def test_memory_crosses_channels_both_ways(gateway, upstream, twilio_sim):
     chats = [s for s in upstream.sessions if upstream.audio_format(s) == "audio/pcm"]
     assert any(SAID in upstream.told(chat) for chat in chats)  # call -> WhatsApp
     assert upstream.errors() == []
+
+
+async def test_a_dropped_upstream_mid_call_is_replaced_with_what_was_said(gateway, upstream):
+    caller, first = await call(gateway, upstream)
+    async with caller:
+        await greeted(caller)
+        await first.drop()  # OpenAI's side goes away mid-call
+        second = await upstream.session(2)
+        await second.wait_for(lambda: upstream.sent(second), 3)
+        assert GREETING in upstream.config(second)["instructions"]  # the call so far, replayed
+        before = len(caller.audio_received)
+        await caller.speak_and_wait(speech_mulaw(1000, seed=8))
+        await caller.wait_playback_idle(quiet_s=0.3)
+        assert len(caller.audio_received) > before and caller.violations == []
+    assert second.errors == []
