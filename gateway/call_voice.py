@@ -60,6 +60,8 @@ class CallVoice:
         # handshake (TLS to ElevenLabs) is paid while the model thinks, not after.
         self._early: dict[str, asyncio.Task[ElevenLabsStream]] = {}  # by response id
         self._stopping: set[asyncio.Future[None]] = set()
+        # Replies ElevenLabs was still speaking when the caller began to talk (barge_in_done).
+        self._interrupted: list[_Reply] = []
 
     # upstream -> core
     async def on_realtime(self, event: Any) -> list[dict[str, Any]]:
@@ -69,11 +71,29 @@ class CallVoice:
             return await self._on_text_delta(event)
         if kind == "response.output_text.done":
             return self._on_text_done(event)
-        if kind == "response.created":
+        if kind == "input_audio_buffer.speech_started":
+            self._interrupted = [r for r in self._replies.values() if self._speaking(r)]
+        elif kind == "response.created":
             self._open_early(event.get("response"))
         elif kind == "response.done":
             self._close_early(event.get("response"))
         return [event]
+
+    @staticmethod
+    def _speaking(reply: _Reply) -> bool:
+        return not reply.dropped and reply.reader is not None and not reply.reader.done()
+
+    def barge_in_done(self) -> list[dict[str, Any]]:
+        """After the core took the caller's speech: a reply ElevenLabs is still speaking that
+        the core did not cut (none of it was on the phone: its text was whole before its
+        first audio, or all it had sent was played) is dropped here, and the model told the
+        words heard. Its later audio would otherwise play over the caller."""
+        interrupted, self._interrupted = self._interrupted, []
+        events: list[dict[str, Any]] = []
+        for reply in interrupted:
+            if not reply.dropped:
+                events += self._drop(reply, reply.spoken.heard(reply.spoken.audio_ms))
+        return events
 
     def _open_early(self, response: Any) -> None:
         if not isinstance(response, dict) or response.get("output_modalities") != ["text"]:
@@ -206,15 +226,19 @@ class CallVoice:
         reply = self._replies.get(str(event.get("item_id")))
         if reply is None or kind not in ("conversation.item.truncate", "conversation.item.delete"):
             return [event]
+        played_ms = int(event.get("audio_end_ms") or 0)
+        heard = reply.spoken.heard(played_ms) if kind.endswith("truncate") else ""
+        return self._drop(reply, heard)
+
+    def _drop(self, reply: _Reply, heard: str) -> list[dict[str, Any]]:
+        """Stop speaking `reply` and tell the model the words the caller had heard."""
         if not reply.dropped:
             reply.dropped = True  # the reader stops feeding at its next chunk
             self._stopping.add(asyncio.ensure_future(self._stop(reply)))
         delete = {"type": "conversation.item.delete", "item_id": reply.item_id}
-        played_ms = int(event.get("audio_end_ms") or 0)
-        heard = reply.spoken.heard(played_ms).strip() if kind.endswith("truncate") else ""
-        if not heard:
+        if not heard.strip():
             return [delete]
-        said = {"type": "output_text", "text": heard}
+        said = {"type": "output_text", "text": heard.strip()}
         item = {"type": "message", "role": "assistant", "content": [said]}
         return [delete, {"type": "conversation.item.create", "item": item}]
 

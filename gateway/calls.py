@@ -285,6 +285,8 @@ class LiveCall:
         else:
             for each in await self.voice.on_realtime(event):
                 await self.perform(self.state.on_realtime(each, self.clock()))
+            for each in self.voice.barge_in_done():
+                await self._send_upstream(each)
         if timed:
             self._outbound_timer.observe_since(started)
 

@@ -255,3 +255,47 @@ async def test_a_replys_elevenlabs_stream_is_opened_while_the_model_thinks(
     for reply, stream in zip(replies, streams, strict=True):
         assert reply.created_at < stream.started_at < reply.first_audio_at
         assert stream.text.strip() == reply.sent_text.strip()
+
+
+async def test_barge_in_before_elevenlabs_first_audio_drops_that_reply(
+    call_gateway, realtime_sim, sim_config, elevenlabs_sim
+):
+    """The model's text is whole long before ElevenLabs speaks it: a caller who talks in that
+    window must not then hear the old reply over their own words, and the model is told
+    they heard none of it."""
+    replies = iter(["Olá!", LONG_REPLY, "Pode falar, estou ouvindo."])
+    sim_config.reply = lambda session, user_item: next(replies, "Certo.")
+    caller, session = await connected_call(call_gateway, realtime_sim)
+    async with caller:
+        await caller.wait_until(lambda: caller.audio_received, WAIT_S)
+        await caller.wait_playback_idle(quiet_s=0.3)
+        elevenlabs_sim.config.first_audio_latency_ms = 1500  # a slow first chunk
+        caller.speak(speech_mulaw(600, seed=5))
+        stream = await eventually_request(elevenlabs_sim, 2)
+        await session.wait_for(
+            lambda: any(
+                r.status == "completed" and r.text == LONG_REPLY for r in session.responses
+            ),
+            5,
+        )
+        before = len(caller.audio_received)
+        caller.speak(speech_mulaw(600, seed=6))  # talks before any of that reply was heard
+        await session.wait_for(lambda: received(session, "conversation.item.delete"), 5)
+        elevenlabs_sim.config.first_audio_latency_ms = 20
+        await asyncio.sleep(1.8)  # past the old reply's first chunk
+        heard_after = bytes(caller.audio_received[before:])
+        assert caller.violations == []
+    reply = next(r for r in session.responses if r.text == LONG_REPLY)
+    [delete] = received(session, "conversation.item.delete")
+    assert delete["item_id"] == reply.item.id  # the model is told the caller heard none of it
+    # Its audio, made by then, never reached the phone: what played after the caller spoke
+    # is the next reply's alone.
+    answer = elevenlabs_sim.requests[-1]
+    assert answer is not stream and answer.text.strip() == "Pode falar, estou ouvindo."
+    assert len(stream.audio) > 8 * 1000
+    assert 0 < len(heard_after) <= len(answer.audio) + 160
+
+
+async def eventually_request(sim: ElevenLabsSimulator, count: int):
+    await eventually(lambda: len(sim.requests) >= count, WAIT_S)
+    return sim.requests[count - 1]
