@@ -684,6 +684,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="reply text")
     parser.add_argument("--max-session-s", type=float, default=3600.0)
     parser.add_argument("--no-record", action="store_true", help="don't keep audio (load tests)")
+    # GPT-Live has no VAD settings (its model ends the turn): the hosted simulator's own.
+    parser.add_argument(
+        "--live-vad-silence-ms",
+        type=int,
+        default=LiveSimConfig.vad_silence_ms,
+        help="GPT-Live: silence that ends the caller's turn",
+    )
+    parser.add_argument(
+        "--live-vad-threshold-dbfs",
+        type=float,
+        default=LiveSimConfig.vad_threshold_dbfs,
+        help="GPT-Live: RMS level of a voiced 20 ms window",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -697,7 +710,17 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         max_session_s=args.max_session_s,
         record_audio=not args.no_record,
     )
-    sim = RealtimeSimulator(cfg)
+    # GPT-Live on the same base URL, paced alike: a load test on either backend has one F.
+    live = LiveSimConfig(
+        first_audio_latency_ms=args.latency_ms,
+        speed=args.speed,
+        delta_ms=args.delta_ms,
+        reply_text=args.reply,
+        record_audio=not args.no_record,
+        vad_silence_ms=args.live_vad_silence_ms,
+        vad_threshold_dbfs=args.live_vad_threshold_dbfs,
+    )
+    sim = RealtimeSimulator(cfg, live)
     await sim.start(args.host, args.port)
     print(f"Realtime simulator listening on {sim.ws_url}?model=...", flush=True)
     print(f"  AsyncOpenAI(api_key='sk-sim', base_url='{sim.base_url}')", flush=True)

@@ -6,6 +6,7 @@ import base64
 import itertools
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -14,6 +15,7 @@ from scripts import loadtest
 from scripts.loadtest import voice
 from scripts.loadtest.config import parse_args
 from simulators.elevenlabs import ElevenLabsSimConfig, ElevenLabsSimulator
+from simulators.live_config import LiveSimConfig
 from simulators.realtime import RealtimeSimConfig
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
@@ -24,6 +26,18 @@ FIRST_AUDIO_MS = 60
 def sim_config() -> RealtimeSimConfig:
     # Short replies streamed fast: three calls of one turn take about three seconds.
     return RealtimeSimConfig(
+        first_audio_latency_ms=FIRST_AUDIO_MS,
+        speed=8.0,
+        ms_per_char=30,
+        reply_text="Olá, tudo bem?",
+        record_audio=False,
+    )
+
+
+@pytest.fixture
+def live_sim_config() -> LiveSimConfig:
+    # GPT-Live paced as the Realtime simulator above (a spawned one gets the same flags).
+    return LiveSimConfig(
         first_audio_latency_ms=FIRST_AUDIO_MS,
         speed=8.0,
         ms_per_char=30,
@@ -144,11 +158,66 @@ async def test_calls_in_the_elevenlabs_voice_are_measured_and_the_report_names_i
     assert "ms per call-minute" in text
 
 
+async def test_calls_on_gpt_live_are_measured_and_priced_per_call_minute(
+    start_gateway, live_env, realtime_sim, database_url
+):
+    if not database_url.startswith("sqlite:///"):
+        pytest.skip("the load test reads the gateway's SQLite file")
+    # The gateway as a spawned one with --backend live: the Live simulator on the same URL.
+    gateway = await start_gateway({**live_env, **voice.backend_env("live")})
+    cfg = loadtest.LoadConfig(
+        gateway_url=gateway.url,
+        auth_token=AUTH_TOKEN,
+        account_sid=ACCOUNT_SID,
+        calls=2,
+        turns=1,
+        ramp_s=0.2,
+        speech_ms=600,
+        first_audio_ms=FIRST_AUDIO_MS,
+        quiet_s=0.2,
+        warmup=0,
+        backend="live",
+    )
+    simulator = realtime_sim.base_url.removesuffix("/v1")
+    db_path = Path(database_url.removeprefix("sqlite:///"))
+    stack = loadtest.Stack(gateway_pid=os.getpid(), db_path=db_path, simulator_url=simulator)
+    report = await loadtest.run_load(cfg, stack)
+
+    calls = report.calls
+    assert (calls.calls, calls.ok, calls.failed, calls.errors) == (2, 2, 0, {})
+    assert (calls.turns_requested, calls.turns_measured) == (2, 2)
+    assert calls.latency_ms.n == 2
+    assert calls.latency_ms.p50 > cfg.vad_silence_ms + FIRST_AUDIO_MS
+    assert len(realtime_sim.live.sessions) >= 2 and not realtime_sim.sessions
+    # The Realtime simulator's timings know no Live session: not measured, said so.
+    assert calls.gateway_share_sim_ms is None
+    # Live's usage is session seconds of its model, priced per minute.
+    (model,) = calls.cost.models
+    assert model["model"].startswith("gpt-live") and model["session_seconds"] > 0
+    assert calls.cost.per_call_minute_usd > 0
+    text = loadtest.format_text(report)
+    assert "backend: live (GPT-Live" in text
+    assert "calls: 2 ok, 0 failed; turns measured 2/2" in text
+    assert "share with the simulator's own latency       n/a on live" in text
+    assert "cost per call-minute (USD, config/prices.toml): " in text
+    assert f"  {model['model']}: " in text
+
+
 def test_voice_option() -> None:
     assert parse_args([]).voice == "openai"
     assert parse_args(["--spawn", "--voice", "both"]).voice == "both"
     with pytest.raises(SystemExit):  # a running gateway's voice is its own
         parse_args(["--voice", "elevenlabs"])
+    assert parse_args([]).backend == "realtime"
+    assert parse_args(["--spawn", "--backend", "both"]).backend == "both"
+    for refused in (
+        ["--backend", "live"],  # a running gateway's backend is its own
+        ["--spawn", "--backend", "live", "--voice", "elevenlabs"],  # GPT-Live has its own voice
+        ["--spawn", "--backend", "both", "--voice", "both"],  # one comparison at a time
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(refused)
+    assert voice.backend_env("live") == {"VOICE_BACKEND": "live"}
     assert voice.gateway_env("openai", None) == {}
     env = voice.gateway_env("elevenlabs", 8767)
     assert env["VOICE_PROVIDER"] == "elevenlabs"

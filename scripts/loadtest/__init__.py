@@ -8,6 +8,9 @@
     # The same load in the Realtime voice, then in ElevenLabs' (its simulator spawned too,
     # first audio 75 ms; the model answers in text), the two reports side by side:
     .venv/bin/python scripts/loadtest.py --spawn --voice both
+    # The same load on the Realtime API, then on GPT-Live (VOICE_BACKEND=live; its simulator
+    # on the same base URL with the same F, speed and VAD), side by side with each's cost:
+    .venv/bin/python scripts/loadtest.py --spawn --backend both
     # A burst of 200 signed WhatsApp webhooks (voice notes), reply time at the Twilio simulator:
     .venv/bin/python scripts/loadtest.py --spawn --calls 0 --whatsapp 200
 
@@ -42,7 +45,15 @@ Definitions (milliseconds):
   by the arrival of the last voiced frame (speech_stopped.audio_end_ms - S), so this is
   (first frame sent - first delta received) + (speech_stopped received - stop frame
   received): its forwarding time plus one gateway <-> simulator round trip, without the
-  caller's socket.
+  caller's socket. On GPT-Live (--backend live) the model ends the turn and the gateway
+  dates the end of speech itself, so its view is first frame sent - first delta received.
+* share with the simulator's own latency: the share with the Realtime simulator's own
+  timings (GET /sim/timings) subtracted instead of F. The GPT-Live simulator keeps none:
+  "n/a on live".
+* cost per call-minute (only with --spawn or --db): the usage rows the measured calls left
+  in the gateway's store (all people, per model: tokens, characters, session seconds),
+  priced with config/prices.toml ("unknown" for a model it has no price for), over the
+  calls' minutes (stream start -> hang-up at the callers).
 * frames: protocol violations (anything that is not an exact Twilio shape, per the caller),
   `media` payloads that are not a whole number of 160-byte (20 ms) frames, reply gaps
   (consecutive `media` messages of one reply arriving more than 40 ms apart) and underruns

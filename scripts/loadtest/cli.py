@@ -20,25 +20,35 @@ from .report import format_side_by_side, format_text
 from .results import Report
 from .spawn import SpawnOptions, spawned_stack
 from .stack import Stack
-from .voice import VOICES
+from .voice import BACKENDS, VOICES
 from .whatsapp_burst import RemoteTwilio, TwilioView
 from .workers import worker_main
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository: git runs here
 
 
+def _runs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(name, voice, backend) of each run: --voice both runs each voice, --backend both each
+    backend (not both at once: parse_args refuses it)."""
+    if args.voice == "both":
+        return [(voice, voice, args.backend) for voice in VOICES]
+    if args.backend == "both":
+        return [(backend, args.voice, backend) for backend in BACKENDS]
+    return [(args.backend, args.voice, args.backend)]
+
+
 async def _main(args: argparse.Namespace) -> dict[str, Report]:
-    """One run per voice asked for (--voice both: openai, then elevenlabs), in order."""
-    voices = VOICES if args.voice == "both" else (args.voice,)
+    """One run per voice or backend asked for (both: openai then elevenlabs, or realtime
+    then live), in order."""
     reports = {}
-    for voice in voices:
-        reports[voice] = await _run(args, voice)
+    for name, voice, backend in _runs(args):
+        reports[name] = await _run(args, voice, backend)
     return reports
 
 
-async def _run(args: argparse.Namespace, voice: str) -> Report:
+async def _run(args: argparse.Namespace, voice: str, backend: str) -> Report:
     cfg = config_from(args)
-    cfg.voice = voice
+    cfg.voice, cfg.backend = voice, backend
     async with contextlib.AsyncExitStack() as exits:
         if args.spawn:
             options = SpawnOptions(args.sim_arg, args.gateway_log_level, args.keep, args.pin)
@@ -53,7 +63,7 @@ async def _run(args: argparse.Namespace, voice: str) -> Report:
             profiled(stack.gateway_pid, args.profile, args.profile_native)
         )
         report = await run_load(cfg, stack, show_progress=not args.no_progress)
-    report.setup = _setup_notes(args, voice)
+    report.setup = _setup_notes(args, voice, backend)
     return report
 
 
@@ -73,11 +83,13 @@ def _code_version() -> str:
     return f"code: {head}" + (" with uncommitted changes in gateway/" if dirty else "")
 
 
-def _setup_notes(args: argparse.Namespace, voice: str) -> list[str]:
+def _setup_notes(args: argparse.Namespace, voice: str, backend: str) -> list[str]:
     notes = [_code_version()]
     simulators = (
         "Realtime and ElevenLabs simulators" if voice == "elevenlabs" else "Realtime simulator"
     )
+    if backend == "live":
+        simulators += " (its GPT-Live simulator answering, VOICE_BACKEND=live)"
     notes += [
         f"spawned: gateway and {simulators} as subprocesses"
         if args.spawn
@@ -105,11 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     reports = asyncio.run(_main(args))
     if args.json:
-        both = {voice: asdict(report) for voice, report in reports.items()}
-        print(json.dumps(both if len(reports) > 1 else both[args.voice], indent=2))
+        each = {name: asdict(report) for name, report in reports.items()}
+        print(json.dumps(each if len(reports) > 1 else next(iter(each.values())), indent=2))
     else:
         print("\n\n".join(format_text(report) for report in reports.values()))
         if len(reports) > 1:
-            print("\n" + format_side_by_side(reports))
+            across = "voice" if args.voice == "both" else "backend"
+            print("\n" + format_side_by_side(reports, across))
     failed = [r for r in reports.values() if r.calls is not None and r.calls.ok == 0]
     sys.exit(1 if failed else 0)

@@ -38,6 +38,7 @@ class LoadConfig:
     whatsapp_kind: str = "voice"  # voice (needs a Twilio simulator for the media) | text
     whatsapp_timeout_s: float = 60.0
     voice: str = "openai"  # who speaks the replies: the gateway's VOICE_PROVIDER
+    backend: str = "realtime"  # which OpenAI API answers: the gateway's VOICE_BACKEND
 
     def __post_init__(self) -> None:
         self.public_base_url = (self.public_base_url or self.gateway_url).rstrip("/")
@@ -89,6 +90,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the Realtime voice, or ElevenLabs' (its simulator spawned too, first audio "
         "75 ms); both: the same load in each, one after the other, side by side",
     )
+    p.add_argument(
+        "--backend",
+        choices=("realtime", "live", "both"),
+        default="realtime",
+        help="the OpenAI API the gateway answers with (VOICE_BACKEND): Realtime or GPT-Live "
+        "(its simulator on the same base URL, same F and speed); both: the same load on "
+        "each, one after the other, side by side",
+    )
     p.add_argument("--sim-arg", action="append", default=[], help="extra simulator flag")
     p.add_argument("--gateway-log-level", default="INFO")
     p.add_argument("--keep", action="store_true", help="keep the spawned processes' logs")
@@ -104,6 +113,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--calls, --turns and --whatsapp cannot be negative")
     if args.voice != "openai" and not args.spawn:
         p.error("--voice elevenlabs or both needs --spawn (a running gateway has its own voice)")
+    if args.backend != "realtime" and not args.spawn:
+        p.error("--backend live or both needs --spawn (a running gateway has its own backend)")
+    if args.voice == "both" and args.backend == "both":
+        p.error("--voice both and --backend both: compare one thing at a time")
+    if args.voice != "openai" and args.backend != "realtime":
+        p.error(
+            f"--voice {args.voice} with --backend {args.backend}: ElevenLabs' voice needs "
+            "--backend realtime; GPT-Live speaks in its own voice (the gateway refuses "
+            "VOICE_PROVIDER=elevenlabs with VOICE_BACKEND=live)"
+        )
     if args.spawn and args.gateway == "http://127.0.0.1:8080":
         args.gateway = f"http://127.0.0.1:{free_port()}"
     return args
@@ -131,6 +150,7 @@ def config_from(args: argparse.Namespace) -> LoadConfig:
         whatsapp_kind=args.whatsapp_kind,
         whatsapp_timeout_s=args.whatsapp_timeout_s,
         voice=args.voice,
+        backend=args.backend,
     )
 
 

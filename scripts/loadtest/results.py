@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.usage import cost_usd, load_prices
+
 from .callers import CallResult
 from .config import LoadConfig
 from .metrics_scrape import BucketSummary
@@ -19,6 +21,18 @@ from .whatsapp_burst import WhatsAppReport
 from .workers import CallBatch
 
 LATE_FRAME_MS = 20  # a caller frame a whole frame late means the generator fell behind
+ROOT = Path(__file__).resolve().parent.parent.parent  # the repository
+PRICES_FILE = "config/prices.toml"  # the gateway's default PRICES_FILE, from the repository
+# The gateway's usage columns per model, as the store's usage_by_model adds them up.
+USAGE_BY_MODEL = (
+    "SELECT COALESCE(model, '') AS model, COUNT(*) AS responses, "
+    "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, "
+    "SUM(input_audio_tokens) AS input_audio_tokens, "
+    "SUM(output_audio_tokens) AS output_audio_tokens, "
+    "SUM(audio_seconds) AS audio_seconds, SUM(characters) AS characters, "
+    "SUM(session_seconds) AS session_seconds "
+    "FROM usage WHERE id > ? GROUP BY model ORDER BY model"
+)
 
 
 @dataclass
@@ -41,6 +55,18 @@ class GeneratorReport:
     send_lateness_ms: Summary
     loop_lag_ms: Summary
     cpu_s: float
+
+
+@dataclass
+class CostReport:
+    """The measured calls' usage rows in the gateway's store (all people, per model), priced
+    with the price table: USD per minute of call (stream start -> hang-up, at the callers)."""
+
+    prices_file: str
+    call_minutes: float
+    models: list[dict[str, Any]]  # usage_by_model's columns, and cost_usd (None: no price)
+    total_usd: float | None  # None if a model has no price: a partial sum would understate
+    per_call_minute_usd: float | None
 
 
 @dataclass
@@ -70,6 +96,7 @@ class CallsReport:
     simulator_process: ProcessReport | None = None
     voice_process: ProcessReport | None = None  # the ElevenLabs simulator
     machine: MachineReport | None = None
+    cost: CostReport | None = None  # with --spawn or --db
 
 
 @dataclass
@@ -160,13 +187,43 @@ def gateway_view(db_path: Path, since_id: int, silence_ms: int) -> Summary:
 
 
 def last_turn_id(db_path: Path | None) -> int:
+    return _last_id(db_path, "turns")
+
+
+def last_usage_id(db_path: Path | None) -> int:
+    return _last_id(db_path, "usage")
+
+
+def _last_id(db_path: Path | None, table: str) -> int:
     if db_path is None or not db_path.exists():
         return 0
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT coalesce(max(id), 0) FROM turns").fetchone()[0]
+            return db.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def usage_by_model(db_path: Path, since_id: int) -> list[dict[str, Any]]:
+    """The usage rows written after `since_id`, added up per model (all people)."""
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(USAGE_BY_MODEL, (since_id,)).fetchall()]
+
+
+def cost_report(rows: list[dict[str, Any]], call_seconds: float) -> CostReport:
+    """`rows` priced with the price table (a model missing from it: cost None, "unknown")."""
+    prices = load_prices(ROOT / PRICES_FILE)
+    models = []
+    for row in rows:
+        cost = cost_usd(prices.get(row["model"]), row)
+        models.append({**row, "cost_usd": None if cost is None else round(cost, 6)})
+    costs = [m["cost_usd"] for m in models]
+    # No rows at all is not a free call: the store did not record it (None, not 0).
+    total = None if not costs or any(c is None for c in costs) else round(sum(costs), 6)
+    minutes = call_seconds / 60
+    per_minute = round(total / minutes, 6) if total is not None and minutes > 0 else None
+    return CostReport(PRICES_FILE, round(minutes, 3), models, total, per_minute)
 
 
 def evaluate(cfg: LoadConfig, report: Report) -> list[Target]:

@@ -1,5 +1,6 @@
-"""The gateway, the Realtime simulator and (with --voice elevenlabs) the ElevenLabs simulator
-as subprocesses, the Twilio simulator in this one."""
+"""The gateway, the Realtime simulator (GPT-Live's too, on the same base URL) and (with
+--voice elevenlabs) the ElevenLabs simulator as subprocesses, the Twilio simulator in this
+one."""
 
 from __future__ import annotations
 
@@ -87,14 +88,14 @@ async def spawned_stack(cfg: LoadConfig, options: SpawnOptions) -> AsyncIterator
         sim_port, gw_port = free_port(), urlsplit(cfg.gateway_url).port or 80
         sim_argv = [sys.executable, "-m", "simulators.realtime", "--port", str(sim_port)]
         sim_argv += ["--latency-ms", str(cfg.first_audio_ms), "--no-record", "--log-level"]
-        sim_argv += ["WARNING", *options.realtime_args]
+        sim_argv += ["WARNING", *_live_vad_args(cfg), *options.realtime_args]
         sim_log = workdir / "realtime-sim.log"
         procs.append(await _start_process(sim_argv, sim_log))
         await _wait_ready(f"http://127.0.0.1:{sim_port}/", procs[-1], sim_log)
         voice_port = await _start_voice(cfg, procs, workdir)
         db_path = workdir / "gateway.db"
         env = _gateway_env(cfg, options, gw_port, sim_port, twilio.base_url, db_path)
-        env |= voice.gateway_env(cfg.voice, voice_port)
+        env |= voice.gateway_env(cfg.voice, voice_port) | voice.backend_env(cfg.backend)
         gw_log = workdir / "gateway.log"
         procs.append(await _start_process([sys.executable, "-m", "gateway"], gw_log, env))
         if options.pin:
@@ -125,12 +126,29 @@ async def _start_voice(
     return port
 
 
+def _live_vad_args(cfg: LoadConfig) -> list[str]:
+    """GPT-Live's turn end as the gateway's VAD settings make the Realtime one's: the same
+    silence window S and the same level (threshold 0..1 over the Realtime simulator's scale),
+    so that the stop frame, hence the gateway's share, means the same on either backend."""
+    from simulators.realtime_config import RealtimeSimConfig
+
+    scale = RealtimeSimConfig()
+    dbfs = scale.vad_floor_dbfs + scale.vad_span_db * cfg.vad_threshold
+    return [
+        "--live-vad-silence-ms",
+        str(cfg.vad_silence_ms),
+        "--live-vad-threshold-dbfs",
+        str(dbfs),
+    ]
+
+
 def _inherited_env() -> dict[str, str]:
-    """This process's environment without voice settings: the run's --voice decides."""
+    """This process's environment without voice settings: the run's --voice and --backend
+    decide."""
     return {
         key: value
         for key, value in os.environ.items()
-        if key != "VOICE_PROVIDER" and not key.startswith("ELEVENLABS_")
+        if key not in ("VOICE_PROVIDER", "VOICE_BACKEND") and not key.startswith("ELEVENLABS_")
     }
 
 

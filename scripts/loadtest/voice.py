@@ -1,5 +1,6 @@
-"""The voice the calls are answered in: the ElevenLabs simulator's process, the gateway's
-settings for it, and how the report names it."""
+"""Who answers the calls: the OpenAI API (--backend: Realtime or GPT-Live) and the voice
+(--voice: the model's or ElevenLabs'), the gateway's settings for each, the ElevenLabs
+simulator's process, and how the report names them."""
 
 from __future__ import annotations
 
@@ -10,15 +11,32 @@ API_KEY = "sk-loadtest-not-a-secret"
 VOICE_ID = "EndrigoSimVoice00001"
 MODEL = "eleven_flash_v2_5"  # the gateway's default ELEVENLABS_MODEL
 VOICES = ("openai", "elevenlabs")  # what --voice both runs, in this order
+BACKENDS = ("realtime", "live")  # what --backend both runs, in this order
 
 NAMES = {
     "openai": "openai (the Realtime voice)",
     "elevenlabs": "elevenlabs (Realtime text -> ElevenLabs simulator, its default latencies)",
 }
+LIVE_VOICE = "openai (GPT-Live's own voice)"
+BACKEND_NAMES = {
+    "realtime": "realtime (OpenAI Realtime API, billed per token)",
+    "live": "live (GPT-Live, billed per session minute; the simulator on the same base URL)",
+}
 
 
-def voice_name(voice: str) -> str:
+def voice_name(voice: str, backend: str = "realtime") -> str:
+    if backend == "live" and voice == "openai":
+        return LIVE_VOICE
     return NAMES.get(voice, voice)
+
+
+def backend_name(backend: str) -> str:
+    return BACKEND_NAMES.get(backend, backend)
+
+
+def backend_env(backend: str) -> dict[str, str]:
+    """The gateway's VOICE_BACKEND, always explicit: the run's --backend decides."""
+    return {"VOICE_BACKEND": backend}
 
 
 def simulator_argv(port: int) -> list[str]:
