@@ -466,6 +466,10 @@ class CallState:
         audio = sum(i.received for i in self._items.values() if i.response_id == rid)
         return [RecordUsage(rid, usage, audio // MULAW_BYTES_PER_MS), *actions]
 
+    def _on_delegated_created(self, event: dict[str, Any], now: float) -> list[Action]:
+        self.tools.on_response_created(_text(event, "response_id"))
+        return []
+
     def _on_function_call(self, event: dict[str, Any], now: float) -> list[Action]:
         call = self.tools.on_arguments_done(event)
         if call is None:
@@ -910,6 +914,8 @@ _REALTIME_HANDLERS = {
     "input_audio_buffer.speech_stopped": CallState._on_speech_stopped,
     "response.function_call_arguments.done": CallState._on_function_call,
     "error": CallState._on_error,
+    # GPT-Live (live_dialect.py): a delegated backend response began; only tools care.
+    "gateway.delegated_response.created": CallState._on_delegated_created,
 }
 # Once the phone is closed only the words still owed matter.
 _ENDING_HANDLERS = {

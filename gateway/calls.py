@@ -226,7 +226,8 @@ class LiveCall:
 
     async def _open_session(self, instructions: str) -> RealtimeSession:
         if self.dialect is not None:
-            live = live_call_session(self.rt.settings, self.rt.voice, instructions)
+            tools = self.tools.definitions("call", self.person)
+            live = live_call_session(self.rt.settings, self.rt.voice, instructions, tools)
             return await LiveSession.start(self.rt.openai, live, self.policy)
         config = call_session(
             self.rt.settings,

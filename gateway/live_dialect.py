@@ -15,6 +15,12 @@ needs from what Live does send, so the core stays one:
 * Outbound, the core's Realtime events become Live's: the greeting and news are appended
   context; a truncate, delete or cancel has no Live form (the model keeps what it played
   on its own timeline) and is dropped.
+* Tools run on Live's Responses backend (delegation). Its function calls, nested in
+  `response.event`, become the core's `function_call_arguments.done`, so the core's tool
+  flow runs them as on Realtime; their outputs go back as `response.item.create` and the
+  core's `response.create` continues the delegation. The backend's answer is spoken by the
+  voice model afterwards, so that response counts as done only when the voice reply after
+  it has ended: a hang-up held for "after the goodbye" then waits for the goodbye.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 APPEND_HEAD = b'{"type":"session.input_audio.append","audio":'
 REPLY_GAP_S = 0.6  # no voiced output this long: the reply is over (Live says nothing)
 MAX_APPEND_CHARS = 1800  # Live caps appended context at 500 tokens
+HELD_ANSWER_S = 3.0  # a backend answer the voice does not start speaking by then: done anyway
 SILENT_ULAW = b"\xff\x7f"  # mu-law's two codes for zero
 SILENT_PCM = b"\x00"  # PCM16's zero, both bytes
 _DROPPED = frozenset(
@@ -52,6 +59,11 @@ class _Reply:
 
 
 @dataclass
+class _Backend:
+    calls: bool = False  # it called functions (their outputs continue it)
+
+
+@dataclass
 class _Heard:
     item_id: str
     end_ms: int = 0
@@ -69,12 +81,17 @@ class LiveDialect:
         self._heard: _Heard | None = None  # the caller's turn, while they speak
         self._closing: _Heard | None = None  # their turn being answered; its last words may
         # come after the reply began (Live's transcript lags its audio)
+        self._backend: dict[str, _Backend] = {}  # delegated Responses responses, by id
+        self._held: list[dict[str, Any]] = []  # backend answers' done, until spoken
+        self._held_since = 0.0
 
     def session_replaced(self) -> float:
         """A new session: nothing of the old one's reply or words goes on; returns the old
         one's seconds not billed yet."""
         unbilled = self.bill()
         self._reply = self._heard = self._closing = None
+        self._backend.clear()
+        self._held.clear()
         self.usage_seconds = self._billed_seconds = 0.0
         return unbilled
 
@@ -95,6 +112,8 @@ class LiveDialect:
             return self._on_input_words(event, now)
         if kind == "session.started":
             return [_session_updated(event)]
+        if kind == "response.event":
+            return self._on_backend(event.get("event"), now)
         if kind == "session.usage.updated" or kind == "session.closed":
             seconds = (event.get("usage") or {}).get("seconds")
             if isinstance(seconds, int | float):
@@ -105,11 +124,58 @@ class LiveDialect:
         return []  # acknowledgements, info: nothing for the call
 
     def tick(self, now: float) -> list[dict[str, Any]]:
-        """The clock: a reply with no voiced output for `reply_gap_s` is over."""
+        """The clock: a reply with no voiced output for `reply_gap_s` is over; a backend
+        answer the voice never spoke is released after `HELD_ANSWER_S`."""
         reply = self._reply
+        if reply is None and self._held and now - self._held_since >= HELD_ANSWER_S:
+            return self._release_held()
         if reply is None or now - reply.last_voiced_at < self.reply_gap_s:
             return []
         return self._end_reply("completed")
+
+    def _on_backend(self, nested: Any, now: float) -> list[dict[str, Any]]:
+        """A Responses event of the delegated backend (`response.event`)."""
+        if not isinstance(nested, dict):
+            return []
+        kind = nested.get("type")
+        response = nested.get("response") if isinstance(nested.get("response"), dict) else {}
+        if kind == "response.created" and isinstance(response.get("id"), str):
+            self._backend[response["id"]] = _Backend()
+            return [{"type": "gateway.delegated_response.created", "response_id": response["id"]}]
+        if kind == "response.output_item.done":
+            return self._backend_item(nested)
+        if kind in ("response.completed", "response.failed", "response.incomplete"):
+            return self._backend_done(response, now)
+        return []
+
+    def _backend_item(self, nested: dict[str, Any]) -> list[dict[str, Any]]:
+        item = nested.get("item") if isinstance(nested.get("item"), dict) else {}
+        rid = next(reversed(self._backend), None)  # Responses streams one response at a time
+        if item.get("type") != "function_call" or rid is None:
+            return []
+        self._backend[rid].calls = True
+        return [{"type": "response.function_call_arguments.done", "response_id": rid,
+                 "item_id": item.get("id"), "output_index": nested.get("output_index", 0),
+                 "call_id": item.get("call_id"), "name": item.get("name"),
+                 "arguments": item.get("arguments")}]  # fmt: skip
+
+    def _backend_done(self, response: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        rid = response.get("id")
+        backend = self._backend.pop(rid, None) if isinstance(rid, str) else None
+        if backend is None:
+            return []
+        status = "completed" if response.get("status") == "completed" else "failed"
+        done = {"type": "response.done", "response": {"id": rid, "status": status}}
+        if backend.calls or status != "completed":
+            return [done]  # its calls may be answered now
+        if not self._held:
+            self._held_since = now
+        self._held.append(done)  # an answer to be spoken: done once the voice has said it
+        return []
+
+    def _release_held(self) -> list[dict[str, Any]]:
+        held, self._held = self._held, []
+        return held
 
     def _on_output_audio(self, event: dict[str, Any], now: float, input_ms: int) -> list[Any]:
         delta = event.get("delta")
@@ -209,6 +275,7 @@ class LiveDialect:
             {"type": "response.output_audio_transcript.done", **ids,
              "transcript": "".join(reply.words)},
             {"type": "response.done", "response": response},
+            *self._release_held(),
         ]  # fmt: skip
 
     # core -> Live
@@ -219,9 +286,15 @@ class LiveDialect:
         if isinstance(kind, str) and kind.startswith("session."):
             return [event]  # already Live's (the greeting)
         if kind == "conversation.item.create":
-            text = _item_text(event.get("item"))
+            item = event.get("item") if isinstance(event.get("item"), dict) else {}
+            if item.get("type") == "function_call_output":  # to the delegated backend
+                output = {k: item.get(k) for k in ("type", "call_id", "output")}
+                return [{"type": "response.item.create", "item": output}]
+            text = _item_text(item)
             return [silent_context(text)] if text else []
-        return []  # tool rounds and the like: Live's voice model has no tools
+        if kind == "response.create":  # the core's tool flow: the delegation continues
+            return [{"type": "response.create"}]
+        return []
 
 
 def greeting_event(instruction: str) -> dict[str, Any]:

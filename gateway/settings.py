@@ -98,6 +98,7 @@ class Settings:
     instance_timeout_s: float = 15.0
     voice_backend: str = "realtime"
     live_model: str = DEFAULT_LIVE_MODEL
+    live_tools_model: str = "gpt-5.4-mini"  # GPT-Live's Responses backend, which runs tools
     voice_provider: str = "openai"
     elevenlabs_api_key: str | None = field(default=None, repr=False)
     elevenlabs_voice_id: str | None = None
@@ -336,6 +337,7 @@ def _voice(reader: _Reader) -> dict[str, Any]:
     return {
         "voice_backend": backend,
         "live_model": reader.text("LIVE_MODEL", DEFAULT_LIVE_MODEL),
+        "live_tools_model": reader.text("LIVE_TOOLS_MODEL", "gpt-5.4-mini"),
         "voice_provider": provider,
         "elevenlabs_api_key": key,
         "elevenlabs_voice_id": voice_id,

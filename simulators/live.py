@@ -86,6 +86,13 @@ from simulators.live_events import (
     client_event_adapter,
     live_error,
 )
+from simulators.live_tools import (
+    DelegatedCall,
+    DelegatedTools,
+    function_call_stream,
+    offered_tools,
+    snapshot,
+)
 from simulators.realtime import Link, _openai_error, _WsLink  # the same transport and bodies
 from simulators.realtime_audio import (
     ALAW_ENCODE,
@@ -340,28 +347,12 @@ def backend_stream(text: str, model: str, input_tokens: int) -> list[dict]:
         "total_tokens": input_tokens + estimate_tokens(text),
     }
 
-    def snapshot(status: str) -> dict:
-        done = status == "completed"
-        return {
-            "id": resp_id,
-            "object": "response",
-            "created_at": int(time.time()),
-            "model": model,
-            "status": status,
-            "output": [],
-            "instructions": None,
-            "tools": [],
-            "tool_choice": "auto",
-            "parallel_tool_calls": True,
-            "usage": usage if done else None,
-        }
-
     part = {"type": "output_text", "text": text, "annotations": []}
     message = {"id": item_id, "type": "message", "role": "assistant", "status": "completed"}
     ids = {"item_id": item_id, "output_index": 0, "content_index": 0}
     pieces = _split(text, max(1, math.ceil(len(text) / BACKEND_DELTA_CHARS)))
     events = [
-        {"type": "response.created", "response": snapshot("in_progress")},
+        {"type": "response.created", "response": snapshot(resp_id, model, "in_progress")},
         {
             "type": "response.output_item.added",
             "output_index": 0,
@@ -379,7 +370,7 @@ def backend_stream(text: str, model: str, input_tokens: int) -> list[dict]:
             "output_index": 0,
             "item": {**message, "content": [part]},
         },
-        {"type": "response.completed", "response": snapshot("completed")},
+        {"type": "response.completed", "response": snapshot(resp_id, model, "completed", usage)},
     ]
     return [{**event, "sequence_number": n} for n, event in enumerate(events)]
 
@@ -418,6 +409,7 @@ class LiveSession:
         self.history: list[LiveItem] = []  # the voice model's context
         self.replies: list[LiveReply] = []
         self.backend_items: list[dict] = []  # response.item.create items, as sent
+        self.tools = DelegatedTools()  # delegated function calls (live_tools.py)
         self.input_audio = bytearray()  # every appended byte (session format) if record_audio
         self.audio_ms = 0.0  # the session timeline: input audio appended since the start
         self.muted = False
@@ -725,7 +717,43 @@ class LiveSession:
         turn.item.end_ms = max(turn.item.start_ms, at_ms - self.sim_config.vad_silence_ms)
         turn.ended_at = asyncio.get_running_loop().time()
         turn.ended.set()
-        self.start_reply("speech", turn.item)
+        knob = self._tool_call_for(turn.item)
+        if knob is not None:
+            self._spawn(self._delegate(turn.item, knob))
+        else:
+            self.start_reply("speech", turn.item)
+
+    # -- delegated tools (live_tools.py) --
+
+    @property
+    def tool_outputs(self) -> list:
+        return self.tools.outputs
+
+    @property
+    def tool_violations(self) -> list[str]:
+        return self.tools.violations
+
+    def _tool_call_for(self, item: LiveItem) -> Any:
+        knobs = self.sim_config.tool_calls
+        if not knobs or self.config is None:
+            return None
+        offered = offered_tools(self.config.get("delegation"))
+        return self.tools.knob_for(knobs, item.text, offered)
+
+    async def _delegate(self, trigger: LiveItem, knob: Any) -> None:
+        """The model hands the caller's request to the Responses backend, which calls the
+        function; the client's output and response.create continue it."""
+        delegation_id, resp_id = new_id("dlg"), new_id("resp")
+        delegation = {"id": delegation_id, "target": "responses", "type": "delegation",
+                      "response_id": resp_id}  # fmt: skip
+        self.emit("session.delegation.created", delegation=delegation, offset_ms=int(self.audio_ms))
+        await asyncio.sleep(self.sim_config.first_audio_latency_ms / 1000)
+        call_id = new_id("call")
+        self.tools.calls[call_id] = DelegatedCall(knob, delegation_id, trigger)
+        stream = function_call_stream(resp_id, self._backend_model() or "", call_id, knob.name,
+                                      knob.arguments_json())  # fmt: skip
+        for event in stream:
+            self.emit("response.event", event=event, delegation_id=delegation_id)
 
     def _caller_said(self, item: LiveItem) -> str:
         source = self.sim_config.input_transcript
@@ -973,9 +1001,15 @@ class LiveSession:
         return False
 
     def _on_response_item_create(self, raw: dict) -> None:
-        if self._needs_backend(raw):
-            self.backend_items.append(_copy(raw["item"]))
-            self._notify()
+        if not self._needs_backend(raw):
+            return
+        item = raw["item"]
+        if item.get("type") == "function_call_output":
+            problem = self.tools.output(item)
+            if problem is not None:
+                return self._fail(problem, "invalid_value", "item.call_id", raw)
+        self.backend_items.append(_copy(item))
+        self._notify()
 
     def _on_response_create(self, raw: dict) -> None:
         if not self._needs_backend(raw):
@@ -983,13 +1017,31 @@ class LiveSession:
         if self._backend is not None and not self._backend.done():
             message = "A backend response is already in progress. Wait until it is completed."
             return self._fail(message, "conversation_already_has_active_response", None, raw)
+        if self.tools.calls:
+            answered = self.tools.answered()
+            if not answered:
+                message = "Function call outputs are missing for the delegated response."
+                self.tools.violations.append(message)
+                return self._fail(message, "missing_tool_output", None, raw)
+            call = answered[0]
+            text = call.knob.answer
+            self._backend = self._spawn(
+                self._backend_response(call.trigger, raw, text, call.delegation_id)
+            )
+            return
         users = [i for i in self.backend_items if i.get("role") == "user"]
         trigger = LiveItem("user", _item_text(users[-1]), "backend") if users else None
         self._backend = self._spawn(self._backend_response(trigger, raw))
 
-    async def _backend_response(self, trigger: LiveItem | None, raw: dict) -> None:
+    async def _backend_response(
+        self,
+        trigger: LiveItem | None,
+        raw: dict,
+        text: str | None = None,
+        delegation_id: str | None = None,
+    ) -> None:
         try:
-            text = await self._reply_text(trigger)
+            text = text if text is not None else await self._reply_text(trigger)
         except Exception as exc:  # a broken reply knob
             log.warning("reply function failed: %r", exc)
             self._fail(SERVER_ERROR, "server_error", None, raw)
@@ -997,8 +1049,9 @@ class LiveSession:
         await asyncio.sleep(self.sim_config.first_audio_latency_ms / 1000)
         tokens = sum(estimate_tokens(_item_text(item)) for item in self.backend_items)
         model = self._backend_model() or ""
+        delegated = {"delegation_id": delegation_id} if delegation_id else {}
         for event in backend_stream(text, model, tokens):
-            self.emit("response.event", event=event, **_answering(raw))
+            self.emit("response.event", event=event, **delegated, **_answering(raw))
         if self.active_reply is None:  # the voice model speaks the answer (an assumption)
             self.start_reply("backend", trigger, text=text, latency_ms=0)
 

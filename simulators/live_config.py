@@ -10,9 +10,10 @@ the simulator's estimate (`estimate_tokens`): the SDK does not say how it render
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from simulators.realtime_config import DEFAULT_REPLY
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_INSTRUCTIONS_TOKENS",
     "MESSAGE_OVERHEAD_TOKENS",
     "LiveSimConfig",
+    "LiveToolCall",
     "estimate_tokens",
 ]
 
@@ -46,6 +48,27 @@ TranscriptFn = Callable[["LiveSession", "LiveItem"], str]
 def estimate_tokens(text: str) -> int:
     """About four characters a token, as the Realtime simulator counts."""
     return math.ceil(len(text) / 4)
+
+
+@dataclass
+class LiveToolCall:
+    """A function the simulated Responses backend calls, through a delegation, when the
+    caller's words contain `trigger` (case-insensitive; None: any turn of the caller). The
+    session must offer it (`delegation.responses.tools`); otherwise the model just answers
+    and the refusal is recorded. After its output and `response.create`, the backend answers
+    `answer` (None: the reply knob's text) and the voice model speaks it. `once`: at most
+    once per session."""
+
+    name: str
+    arguments: dict | str = field(default_factory=dict)
+    trigger: str | None = None
+    answer: str | None = None
+    once: bool = True
+
+    def arguments_json(self) -> str:
+        if isinstance(self.arguments, str):
+            return self.arguments
+        return json.dumps(self.arguments, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass
@@ -79,3 +102,5 @@ class LiveSimConfig:
     open_delay_s: float = 0.0  # the websocket upgrade is answered this late
     refuse_sessions: int = 0  # this many upgrades are refused with HTTP 500 first
     drop_after_deltas: int | None = None  # each session's TCP dies after this many audio deltas
+    # Functions the delegated Responses backend calls (see LiveToolCall).
+    tool_calls: list[LiveToolCall] = field(default_factory=list)

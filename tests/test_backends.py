@@ -19,13 +19,14 @@ import pytest
 from gateway.transcode import decode_to_pcm24k, encode_ogg_opus
 from gateway.usage import cost_usd
 from simulators.caller import SimulatedCaller
-from simulators.live_config import LiveSimConfig
-from simulators.realtime import RealtimeSimConfig, RealtimeSimulator
+from simulators.live_config import LiveSimConfig, LiveToolCall
+from simulators.realtime import RealtimeSimConfig, RealtimeSimulator, SimToolCall
 from simulators.speech import speech_mulaw, speech_pcm24k
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.store_helpers import open_db
 from tests.test_calls import LONG_REPLY
 from tests.test_memory import WA_FACT, wait_until, whatsapp_text
+from tests.test_tools import played_before
 from tests.test_whatsapp import (
     REPLY,
     USER,
@@ -335,3 +336,34 @@ async def test_a_dropped_upstream_mid_call_is_replaced_with_what_was_said(gatewa
         await caller.wait_playback_idle(quiet_s=0.3)
         assert len(caller.audio_received) > before and caller.violations == []
     assert second.errors == []
+
+
+async def test_a_tool_ends_the_call_only_after_the_goodbye_has_played(
+    gateway, upstream, sim_config, live_sim_config, twilio_sim
+):
+    """The model calls end_call (on Live through its Responses backend, by delegation): the
+    gateway runs it, hands back the output, and hangs up through Twilio once the goodbye
+    answering it has played."""
+    goodbye = "Foi um prazer, até logo!"
+    sim_config.tool_calls = [SimToolCall("end_call", {}, trigger="anunciar")]
+    sim_config.reply = lambda session, item: (
+        goodbye if item is not None and item.kind == "function_call_output" else GREETING
+    )
+    live_sim_config.tool_calls = [LiveToolCall("end_call", {}, trigger="anunciar", answer=goodbye)]
+    caller, session = await call(gateway, upstream)
+    async with caller:
+        await greeted(caller)
+        caller.speak(speech_mulaw(1000, seed=3))
+        [update] = await twilio_sim.wait_for_call_updates(1, timeout=10)
+        async with asyncio.timeout(10):
+            await caller.closed.wait()  # Twilio ended the stream
+    [output] = session.tool_outputs
+    assert output.name == "end_call" and session.tool_violations == []
+    assert (update.status, update.effect) == ("completed", "completed")
+    assert [m for m in caller.marks if m.received_at > output.at], "the goodbye reached the phone"
+    assert played_before(caller, update.at)
+    assert upstream.errors() == []
+    if upstream.live:  # offered to Live's backend, not to its voice model
+        delegation = upstream.config(session)["delegation"]
+        assert delegation["type"] == "responses"
+        assert "end_call" in {t["name"] for t in delegation["responses"]["tools"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from gateway.live_dialect import REPLY_GAP_S, LiveDialect
+from gateway.live_dialect import HELD_ANSWER_S, REPLY_GAP_S, LiveDialect
 
 VOICED = base64.b64encode(bytes(range(0, 160))).decode()
 SILENT = base64.b64encode(b"\xff" * 160).decode()
@@ -88,7 +88,7 @@ def test_the_cores_realtime_events_become_lives_or_nothing():
         }
     ]
     for dropped in ("conversation.item.truncate", "conversation.item.delete", "response.cancel",
-                    "input_audio_buffer.commit", "response.create", "session.update"):  # fmt: skip
+                    "input_audio_buffer.commit", "session.update"):  # fmt: skip
         assert dialect.outbound({"type": dropped}) == []
     greeting = {
         "type": "session.instructions.append",
@@ -103,3 +103,48 @@ def test_usage_is_the_largest_cumulative_figure_never_a_sum():
     for seconds in (3, 7, 7):
         dialect.inbound({"type": "session.usage.updated", "usage": {"seconds": seconds}}, 0.0, 0)
     assert dialect.usage_seconds == 7
+
+
+def backend(event: dict) -> dict:
+    return {"type": "response.event", "event": event, "delegation_id": "dlg_1"}
+
+
+def test_a_delegated_function_call_runs_through_the_cores_tool_flow():
+    dialect = LiveDialect()
+    created = dialect.inbound(
+        backend({"type": "response.created", "response": {"id": "r1"}}), 0.0, 0
+    )
+    assert created == [{"type": "gateway.delegated_response.created", "response_id": "r1"}]
+    item = {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "end_call",
+            "arguments": "{}"}  # fmt: skip
+    [call] = dialect.inbound(backend({"type": "response.output_item.done", "item": item}), 0.1, 0)
+    assert (call["type"], call["response_id"], call["call_id"], call["name"]) == (
+        "response.function_call_arguments.done", "r1", "c1", "end_call")  # fmt: skip
+    completed = {"type": "response.completed", "response": {"id": "r1", "status": "completed"}}
+    assert types(dialect.inbound(backend(completed), 0.2, 0)) == ["response.done"]
+    # The core's answer goes back to the backend, and the delegation continues.
+    answer = {"type": "function_call_output", "call_id": "c1", "output": "ok"}
+    output = {"type": "conversation.item.create", "item": answer}
+    assert dialect.outbound(output) == [{"type": "response.item.create", "item": output["item"]}]
+    assert dialect.outbound({"type": "response.create", "response": {}}) == [
+        {"type": "response.create"}
+    ]
+
+
+def test_a_backend_answer_is_done_only_once_the_voice_has_spoken_it():
+    dialect = LiveDialect()
+    dialect.inbound(backend({"type": "response.created", "response": {"id": "r2"}}), 0.0, 0)
+    completed = {"type": "response.completed", "response": {"id": "r2", "status": "completed"}}
+    assert dialect.inbound(backend(completed), 0.1, 0) == []  # held: not spoken yet
+    dialect.inbound(audio(), 0.2, 100)
+    done = dialect.tick(0.2 + REPLY_GAP_S)
+    assert [e["response"]["id"] for e in done if e["type"] == "response.done"][-1] == "r2"
+
+
+def test_a_backend_answer_never_spoken_is_released_in_time():
+    dialect = LiveDialect()
+    dialect.inbound(backend({"type": "response.created", "response": {"id": "r3"}}), 0.0, 0)
+    completed = {"type": "response.completed", "response": {"id": "r3", "status": "completed"}}
+    dialect.inbound(backend(completed), 0.0, 0)
+    assert dialect.tick(HELD_ANSWER_S - 0.1) == []
+    assert types(dialect.tick(HELD_ANSWER_S)) == ["response.done"]
