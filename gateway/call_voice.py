@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Feed = Callable[[dict[str, Any]], Awaitable[None]]  # an event into the call's core
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # an event to the Realtime session
 Opener = Callable[[], Awaitable[ElevenLabsStream]]
+Bill = Callable[[int, float], None]  # characters sent to ElevenLabs, ms of audio it made
 
 
 @dataclass
@@ -48,9 +49,16 @@ class _Reply:
 
 class CallVoice:
     def __init__(
-        self, open_stream: Opener, feed: Feed, send: Send, read_aloud: str, log_id: str
+        self,
+        open_stream: Opener,
+        feed: Feed,
+        send: Send,
+        read_aloud: str,
+        log_id: str,
+        bill: Bill | None = None,
     ) -> None:
         self._open_stream = open_stream
+        self._bill = bill
         self._feed = feed
         self._send = send
         self._read_aloud = read_aloud  # the persona's "read this exactly" instruction
@@ -170,6 +178,8 @@ class CallVoice:
                 with contextlib.suppress(asyncio.CancelledError, VoiceUnavailable):
                     await finishing
                 await stream.close()
+                if self._bill is not None and stream.characters:
+                    self._bill(stream.characters, reply.spoken.audio_ms)
         except VoiceUnavailable as err:
             if not reply.dropped:
                 await self._fall_back(reply, err)

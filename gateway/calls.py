@@ -160,6 +160,7 @@ class LiveCall:
             send=self._send_upstream,
             read_aloud=self.rt.persona.tools["results"]["read_aloud"],
             log_id=self.log_id,
+            bill=self._record_voice_usage,
         )
 
     @property
@@ -447,6 +448,17 @@ class LiveCall:
                 model=self.rt.settings.realtime_model,
             )
         )
+
+    def _record_voice_usage(self, characters: int, audio_ms: float) -> None:
+        """ElevenLabs bills the characters it was sent: a row of its model per reply."""
+        if self.person is None or self.rt.store is None:
+            return
+        self._write(
+            self.rt.store.add_usage(
+                self.person.id, self.conversation_id, None, characters=characters,
+                audio_seconds=audio_ms / 1000, model=self.rt.settings.elevenlabs_model,
+            )
+        )  # fmt: skip
 
     def _record_live_usage(self, seconds: float) -> None:
         """GPT-Live bills seconds of session: one row of its model for what it reported."""

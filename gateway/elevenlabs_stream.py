@@ -121,6 +121,7 @@ class ElevenLabsStream:
 
     def __init__(self, socket: ClientConnection) -> None:
         self._socket = socket
+        self.characters = 0  # sent to be spoken: what ElevenLabs bills
 
     @classmethod
     async def open(
@@ -149,6 +150,7 @@ class ElevenLabsStream:
         if text.strip():
             message = SendText(text=text.rstrip() + " ", flush=True)
             await self._send(message.dict(exclude_none=True))
+            self.characters += len(message.text)
 
     async def finish(self) -> None:
         """No more text: the rest is spoken, then the server ends the stream."""

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from gateway.transcode import decode_to_pcm24k
+from gateway.usage import cost_usd
 from simulators.elevenlabs import (
     SIM_API_KEY,
     SIM_VOICE_ID,
@@ -25,7 +26,8 @@ from simulators.elevenlabs import (
 from simulators.realtime import RealtimeSimConfig
 from simulators.speech import speech_mulaw
 from tests.test_call_faults import eventually
-from tests.test_calls import LONG_REPLY, PUBLIC, connected_call, received
+from tests.test_calls import CALLER, LONG_REPLY, PUBLIC, connected_call, received
+from tests.test_memory import wait_until
 from tests.test_whatsapp import REPLY, USER, WAIT_S, harness_for
 
 MODEL = "eleven_flash_v2_5"
@@ -299,3 +301,27 @@ async def test_barge_in_before_elevenlabs_first_audio_drops_that_reply(
 async def eventually_request(sim: ElevenLabsSimulator, count: int):
     await eventually(lambda: len(sim.requests) >= count, WAIT_S)
     return sim.requests[count - 1]
+
+
+async def test_a_calls_elevenlabs_characters_are_the_callers_usage_priced(
+    call_gateway, realtime_sim, elevenlabs_sim
+):
+    caller, _ = await connected_call(call_gateway, realtime_sim)
+    async with caller:
+        await caller.wait_until(lambda: caller.audio_received, WAIT_S)
+        await caller.wait_playback_idle(quiet_s=0.3)
+        await caller.speak_and_wait(speech_mulaw(1000, seed=3))
+        await caller.wait_playback_idle(quiet_s=0.3)
+        await caller.hangup()
+    store = call_gateway.runtime.store
+    person = await store.person_by_number(CALLER)
+    billed = sum(r.characters for r in elevenlabs_sim.requests)
+
+    async def voice_rows() -> list[dict]:
+        return [r for r in await store.usage_by_model(person.id) if r["model"] == MODEL]
+
+    await wait_until(voice_rows)
+    [row] = await voice_rows()
+    assert billed > 0 and row["characters"] == billed  # what ElevenLabs billed, every reply
+    prices = call_gateway.runtime.prices[MODEL]
+    assert cost_usd(prices, row) == pytest.approx(billed * prices.per_1k_characters / 1000)
