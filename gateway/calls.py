@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 
 # Twilio sends `connected` and `start` at once; a silent socket is not Twilio.
 START_TIMEOUT_S = 10.0
+OUTPUT_AUDIO = ("response.output_audio.delta", "session.output_audio.delta")  # timed per frame
 TICK_S = 0.5  # the core's clock when no message arrives (stall watchdog, end deadline)
 PHONE_CLOSE_TIMEOUT_S = 1.0  # Twilio answers a close at once; a dead peer is cut after this
 ENDED_CALLS_KEPT = 10_000  # CallSids remembered against replays (about 1 MB)
@@ -213,11 +214,11 @@ class LiveCall:
             return
         old, self.session = self.session, session
         if self.dialect is not None:
-            self._record_live_usage(self.dialect.session_replaced())
+            self.dialect.session_replaced()
         greeting = self._greeting(instructions) if self.state.greeting_due else None
         await self.perform(self.state.upstream_opened(self.clock(), greeting))
         if old is not None and old is not session:
-            self._spawn(old.close())  # rotated out, or already dead: bounded either way
+            self._spawn(self._close_session(old))  # rotated out, or dead: bounded either way
         if not first:
             log.info("%s: Realtime session replaced (%s)", self.log_id, action.reason)
             if action.replace:
@@ -274,7 +275,7 @@ class LiveCall:
     async def _on_upstream_event(self, event: Any) -> None:
         timed = (
             isinstance(event, dict)
-            and event.get("type") == "response.output_audio.delta"
+            and event.get("type") in OUTPUT_AUDIO
             and self._outbound_timer.due()
         )
         started = time.perf_counter() if timed else 0.0
@@ -402,9 +403,7 @@ class LiveCall:
         if self._opening is not None and self._opening is not asyncio.current_task():
             self._opening.cancel()  # an open that completes now would bill a greeting
         if self.session is not None:
-            self._spawn(self.session.close())
-        if self.dialect is not None:
-            self._record_live_usage(self.dialect.bill())
+            self._spawn(self._close_session(self.session))
         if self.finished.is_set():
             return  # a session that opened after the end: closed above, nothing else to do
         if self._ticker is not None:
@@ -459,6 +458,11 @@ class LiveCall:
                 audio_seconds=audio_ms / 1000, model=self.rt.settings.elevenlabs_model,
             )
         )  # fmt: skip
+
+    async def _close_session(self, session: RealtimeSession) -> None:
+        await session.close()
+        if isinstance(session, LiveSession):  # its final usage came with session.closed
+            self._record_live_usage(session.bill())
 
     def _record_live_usage(self, seconds: float) -> None:
         """GPT-Live bills seconds of session: one row of its model for what it reported."""

@@ -74,8 +74,6 @@ class LiveDialect:
     def __init__(self, reply_gap_s: float = REPLY_GAP_S, silence: bytes = SILENT_ULAW) -> None:
         self.reply_gap_s = reply_gap_s
         self.silence = silence  # the byte values of the session format's digital silence
-        self.usage_seconds = 0.0  # the session's, cumulative as Live reports it (never summed)
-        self._billed_seconds = 0.0
         self._ids = itertools.count(1)
         self._reply: _Reply | None = None
         self._heard: _Heard | None = None  # the caller's turn, while they speak
@@ -85,21 +83,11 @@ class LiveDialect:
         self._held: list[dict[str, Any]] = []  # backend answers' done, until spoken
         self._held_since = 0.0
 
-    def session_replaced(self) -> float:
-        """A new session: nothing of the old one's reply or words goes on; returns the old
-        one's seconds not billed yet."""
-        unbilled = self.bill()
+    def session_replaced(self) -> None:
+        """A new session: nothing of the old one's reply or words goes on."""
         self._reply = self._heard = self._closing = None
         self._backend.clear()
         self._held.clear()
-        self.usage_seconds = self._billed_seconds = 0.0
-        return unbilled
-
-    def bill(self) -> float:
-        """The session's seconds reported since the last bill (Live's usage is cumulative)."""
-        unbilled = max(0.0, self.usage_seconds - self._billed_seconds)
-        self._billed_seconds = max(self._billed_seconds, self.usage_seconds)
-        return unbilled
 
     # Live -> core
     def inbound(self, event: Any, now: float, input_ms: int) -> list[Any]:
@@ -114,11 +102,6 @@ class LiveDialect:
             return [_session_updated(event)]
         if kind == "response.event":
             return self._on_backend(event.get("event"), now)
-        if kind == "session.usage.updated" or kind == "session.closed":
-            seconds = (event.get("usage") or {}).get("seconds")
-            if isinstance(seconds, int | float):
-                self.usage_seconds = max(self.usage_seconds, float(seconds))
-            return []
         if kind == "error" or not isinstance(kind, str):
             return [event]  # the core reports it (or its bad shape)
         return []  # acknowledgements, info: nothing for the call

@@ -2,21 +2,25 @@
 through the official SDK (`client.live.connect()`, `/v1/live/sessions`).
 
 The socket is the same kind as Realtime's (the SDK's websocket connection base), so
-`RealtimeSession`'s bounded send, hot-path `send_bytes`, receive and close are reused; only
-the opening differs. Live wants `session.start` first and its `session.started` before any
-audio, so `open` waits for that answer (bounded by the open timeout) and hands it to the
-first `recv`, where the call sees it like any event. Mapping Live's events onto the call
-core is `live_dialect.py`'s job; docs/gpt-live.md says why each choice was made.
+`RealtimeSession`'s bounded send, hot-path `send_bytes` and receive are reused. Live differs
+at both ends: it wants `session.start` first and its `session.started` before any audio, so
+`start` waits for that answer (bounded by the open timeout) and hands it to the first
+`recv`; and its final usage comes only in `session.closed`, the answer to `session.close`,
+so `close` asks for it and waits (bounded by the close timeout) before the socket goes.
+Usage is cumulative seconds of session, kept here from every event that passes (`bill`).
+Mapping Live's events onto the call core is `live_dialect.py`'s job; docs/gpt-live.md says
+why each choice was made.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from openai import AsyncOpenAI
 
-from gateway.bridge import LinkPolicy, NotJson, RealtimeSession, voice_param
+from gateway.bridge import LinkPolicy, NotJson, RealtimeSession, UpstreamClosed, voice_param
 from gateway.settings import Settings
 
 CALL_FORMAT = {"type": "audio/pcmu", "rate": 8000}  # Twilio's frames pass through untouched
@@ -57,6 +61,10 @@ class LiveSession(RealtimeSession):
     def __init__(self, manager: Any, connection: Any, policy: LinkPolicy) -> None:
         super().__init__(manager, connection, policy)
         self._started: Any = None  # session.started, for the first recv
+        self.usage_seconds = 0.0  # cumulative, as Live reports it (never summed)
+        self._billed_seconds = 0.0
+        self._reading = False  # a recv is in progress (the owner's pump)
+        self._finalized = asyncio.Event()  # session.closed came
 
     @classmethod
     async def start(
@@ -92,4 +100,42 @@ class LiveSession(RealtimeSession):
         if self._started is not None:
             started, self._started = self._started, None
             return started
-        return await super().recv()
+        self._reading = True
+        try:
+            event = await super().recv()
+        finally:
+            self._reading = False
+        self._note(event)
+        return event
+
+    def _note(self, event: Any) -> None:
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind not in ("session.usage.updated", "session.closed"):
+            return
+        usage = event.get("usage")
+        seconds = usage.get("seconds") if isinstance(usage, dict) else None
+        if isinstance(seconds, int | float):
+            self.usage_seconds = max(self.usage_seconds, float(seconds))
+        if kind == "session.closed":
+            self._finalized.set()
+
+    def bill(self) -> float:
+        """The seconds reported since the last bill."""
+        unbilled = max(0.0, self.usage_seconds - self._billed_seconds)
+        self._billed_seconds = max(self._billed_seconds, self.usage_seconds)
+        return unbilled
+
+    async def close(self) -> None:
+        """`session.close`, then `session.closed` (its final usage) awaited within the close
+        timeout, read here unless the owner's pump is reading; then the socket closes."""
+        if self.closed:
+            return
+        with contextlib.suppress(UpstreamClosed):
+            await self.send({"type": "session.close"})
+        with contextlib.suppress(TimeoutError, UpstreamClosed):
+            async with asyncio.timeout(self.policy.close_timeout_s):
+                if self._reading:
+                    await self._finalized.wait()
+                while not self._finalized.is_set() and not self.closed:
+                    await self.recv()
+        await super().close()

@@ -498,18 +498,20 @@ class WarmSessions:
         notes, audio_ms = await encoder.finish(), encoder.duration_ms
         await heard.silence(audio_ms)  # the reply "played" on Live's clock: it keeps it all
         reply = self._reply(warm, turn, collector, notes, audio_ms)
-        await self._record_live_usage(warm, dialect.bill())
+        await self._record_live_usage(warm, heard.session.bill(), warm.conversation_id)
         log.info("whatsapp %s: GPT-Live reply of %d ms audio, %d chars in %.0f ms", log_id,
                  reply.audio_ms, len(reply.text), (time.monotonic() - started) * 1000)  # fmt: skip
         return reply
 
-    async def _record_live_usage(self, warm: _Warm, seconds: float) -> None:
+    async def _record_live_usage(
+        self, warm: _Warm, seconds: float, conversation_id: int | None
+    ) -> None:
         """GPT-Live bills seconds of session: what it reported since the last turn."""
         if warm.forgotten or seconds <= 0:
             return
         try:
             await self.rt.store.add_usage(
-                warm.person.id, warm.conversation_id, None,
+                warm.person.id, conversation_id, None,
                 session_seconds=seconds, model=self.rt.settings.live_model,
             )  # fmt: skip
         except Erased:
@@ -664,6 +666,8 @@ class WarmSessions:
         conversation_id, warm.conversation_id = warm.conversation_id, None
         if session is not None:
             await session.close()
+            if isinstance(session, LiveSession):  # its final usage came with session.closed
+                await self._record_live_usage(warm, session.bill(), conversation_id)
         if conversation_id is not None:
             with contextlib.suppress(Exception):  # the store may already be closing
                 await self.rt.store.end_conversation(conversation_id)

@@ -98,13 +98,6 @@ def test_the_cores_realtime_events_become_lives_or_nothing():
     assert dialect.outbound(greeting) == [greeting]
 
 
-def test_usage_is_the_largest_cumulative_figure_never_a_sum():
-    dialect = LiveDialect()
-    for seconds in (3, 7, 7):
-        dialect.inbound({"type": "session.usage.updated", "usage": {"seconds": seconds}}, 0.0, 0)
-    assert dialect.usage_seconds == 7
-
-
 def backend(event: dict) -> dict:
     return {"type": "response.event", "event": event, "delegation_id": "dlg_1"}
 
