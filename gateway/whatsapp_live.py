@@ -12,6 +12,10 @@ The reply is read with the call's `LiveDialect`, which turns Live's stream into 
 response events `ReplyCollector` already reads, so the voice note is encoded as it comes.
 After it, silence as long as the reply is appended: Live keeps what it had time to "play"
 on its input clock, and the whole reply was delivered.
+
+Tools run on Live's Responses backend (delegation), as on calls: `DelegatedCalls` follows
+the dialect's events with the same `ToolFlow` the Realtime path uses, so the turn knows
+which calls to run and what to send back before the spoken answer comes.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from typing import Any
 
 from gateway.bridge import voice_param
 from gateway.live_dialect import MAX_APPEND_CHARS, SILENT_PCM, LiveDialect
-from gateway.live_session import LiveSession
+from gateway.live_session import LiveSession, with_tools
 from gateway.persona import Persona
 from gateway.settings import Settings
+from gateway.tool_flow import ToolFlow
+from gateway.tools import ToolCall
 from gateway.transcode import PCM24K_BYTES_PER_MS
 
 NOTE_FORMAT = {"type": "audio/pcm", "rate": 24000}
@@ -34,12 +40,52 @@ TRAILING_SILENCE_MS = 1200  # past the model's end-of-turn silence (the simulato
 TICK_S = 0.1  # how often the reply's end is looked for while no event comes
 
 
-def live_note_session(settings: Settings, voice: str, instructions: str) -> dict[str, Any]:
-    return {
+def live_note_session(
+    settings: Settings, voice: str, instructions: str, tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    session = {
         "model": settings.live_model,
         "instructions": instructions,
         "audio": {"format": NOTE_FORMAT, "output": {"voice": voice_param(voice)}},
     }
+    return with_tools(session, settings, tools)
+
+
+class DelegatedCalls:
+    """The backend's function calls of one turn, from the dialect's events: which to run
+    now (`take`), and what to send when each is done (`finished`)."""
+
+    def __init__(self) -> None:
+        self.flow = ToolFlow()
+        self._calls: list[ToolCall] = []
+        self._made_by: dict[str, str] = {}  # call id -> the backend response that made it
+        self._done: set[str] = set()  # backend responses that are over
+
+    def on_event(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """Events to send now (a `response.create` whose outputs were all in)."""
+        kind = event.get("type")
+        rid = event.get("response_id") or (event.get("response") or {}).get("id")
+        if kind == "gateway.delegated_response.created" and isinstance(rid, str):
+            self.flow.on_response_created(rid)
+        elif kind == "response.function_call_arguments.done":
+            call = self.flow.on_arguments_done(event)
+            if call is not None:
+                self._calls.append(call)
+                self._made_by[call.call_id] = str(rid)
+        elif kind == "response.done" and isinstance(rid, str):
+            self._done.add(rid)
+            return self.flow.on_response_done(rid)
+        return []
+
+    @property
+    def runnable(self) -> bool:
+        """Calls whose response is over: the backend waits for their outputs."""
+        return any(self._made_by.get(c.call_id) in self._done for c in self._calls)
+
+    def take(self) -> list[ToolCall]:
+        ready = [c for c in self._calls if self._made_by.get(c.call_id) in self._done]
+        self._calls = [c for c in self._calls if c not in ready]
+        return ready
 
 
 def note_dialect() -> LiveDialect:

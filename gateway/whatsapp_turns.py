@@ -46,6 +46,7 @@ from gateway.transcode import PCM24K_BYTES_PER_MS, OpusEncoder
 from gateway.usage import token_counts
 from gateway.whatsapp_live import (
     TRAILING_SILENCE_MS,
+    DelegatedCalls,
     LiveInput,
     collect_live,
     live_note_session,
@@ -421,7 +422,8 @@ class WarmSessions:
         warm.memory, warm.mark = await load_memory_marked(rt.store, warm.person)
         instructions = instructions_for(rt.persona, channel, warm.memory)
         if settings.voice_backend == "live":
-            live = live_note_session(settings, rt.voice, instructions)
+            tools = self.tools.definitions("whatsapp", warm.person)
+            live = live_note_session(settings, rt.voice, instructions, tools)
             warm.session = session = await LiveSession.start(rt.openai, live, self.policy)
             warm.live, warm.dialect = LiveInput(session), note_dialect()
         else:
@@ -470,8 +472,8 @@ class WarmSessions:
         return reply
 
     async def _live_turn(self, warm: _Warm, turn: TurnInput, log_id: str) -> VoiceReply:
-        """The message put to GPT-Live as its protocol allows (whatsapp_live.py); no tools:
-        Live's voice model has none."""
+        """The message put to GPT-Live as its protocol allows (whatsapp_live.py); tools run
+        on its Responses backend."""
         heard, dialect = warm.live, warm.dialect
         assert heard is not None and dialect is not None
         started = time.monotonic()
@@ -487,7 +489,7 @@ class WarmSessions:
         collector = ReplyCollector(encoder.push, wants_user_transcript=is_audio)
         try:
             async with asyncio.timeout(TURN_TIMEOUT_S):
-                await collect_live(heard, dialect, collector.on_event, lambda: _whole(collector))
+                await self._live_rounds(warm, turn, collector, log_id)
         except BaseException:
             encoder.cancel()
             raise
@@ -502,6 +504,35 @@ class WarmSessions:
         log.info("whatsapp %s: GPT-Live reply of %d ms audio, %d chars in %.0f ms", log_id,
                  reply.audio_ms, len(reply.text), (time.monotonic() - started) * 1000)  # fmt: skip
         return reply
+
+    async def _live_rounds(
+        self, warm: _Warm, turn: TurnInput, collector: ReplyCollector, log_id: str
+    ) -> None:
+        """Collect the spoken reply; a function the backend calls on the way is run and its
+        output sent back (the backend then answers, and the voice speaks that)."""
+        heard, dialect = warm.live, warm.dialect
+        assert heard is not None and dialect is not None
+        calls, owed = DelegatedCalls(), []
+
+        def on_event(event: dict[str, Any]) -> None:
+            owed.extend(calls.on_event(event))
+            collector.on_event(event)
+
+        def settled() -> bool:  # the reply is whole, or the backend waits for outputs
+            return _whole(collector) or calls.runnable
+
+        while True:
+            await collect_live(heard, dialect, on_event, settled)
+            if not calls.runnable:
+                return
+            ctx = self._tool_context(warm, turn, collector, log_id)
+            for call in calls.take():
+                outcome = await self.tools.run(call, ctx)
+                owed.extend(calls.flow.finished(call.call_id, outcome.output))
+            for event in owed:
+                for each in dialect.outbound(event):
+                    await heard.session.send(each)
+            owed.clear()
 
     async def _record_live_usage(
         self, warm: _Warm, seconds: float, conversation_id: int | None

@@ -907,7 +907,12 @@ class LiveSession:
         # A silent model acts on new instructions (a greeting asked for this way is spoken,
         # reported ~1.2 s later in aplisay/llm-agent#306); thinking stays silent.
         item = self._append_context(raw, "instructions")
-        if item is not None and self.active_reply is None:
+        if item is None or self.active_reply is not None:
+            return
+        knob = self._tool_call_for(item)  # what it asks for may be a tool's work
+        if knob is not None:
+            self._spawn(self._delegate(item, knob))
+        else:
             self.start_reply("instructions", item)
 
     def _on_session_thinking_append(self, raw: dict) -> None:

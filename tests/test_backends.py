@@ -368,3 +368,27 @@ async def test_a_tool_ends_the_call_only_after_the_goodbye_has_played(
         delegation = upstream.config(session)["delegation"]
         assert delegation["type"] == "responses"
         assert "end_call" in {t["name"] for t in delegation["responses"]["tools"]}
+
+
+async def test_a_tool_on_whatsapp_runs_and_the_reply_carries_the_answer(
+    gateway, upstream, sim_config, live_sim_config, twilio_sim
+):
+    """save_lead asked for in a WhatsApp text (on Live through its Responses backend): the
+    lead is stored with the person and the answer after the output is the reply."""
+    lead = {"name": "Ana Souza", "interest": "real_estate", "city": "Ribeirão Preto"}
+    answer = "Anotei aqui, Ana! Alguém da equipe vai te procurar."
+    sim_config.tool_calls = [SimToolCall("save_lead", lead, trigger="anotar")]
+    sim_config.reply = lambda session, item: (
+        answer if item is not None and item.kind == "function_call_output" else GREETING
+    )
+    live_sim_config.tool_calls = [LiveToolCall("save_lead", lead, trigger="anotar", answer=answer)]
+    number = "+5516999990123"
+    await whatsapp_text(gateway, twilio_sim, number, "Pode anotar meu interesse em imóveis?", "Ana")
+    [session] = upstream.sessions
+    [output] = session.tool_outputs
+    assert output.name == "save_lead" and session.tool_violations == []
+    assert upstream.errors() == []
+    texts = [m.body for m in twilio_sim.messages if m.to == f"whatsapp:{number}" and m.body]
+    assert texts == [answer]
+    leads = open_db(gateway).execute("SELECT name, interest, city, channel FROM leads").fetchall()
+    assert [tuple(r) for r in leads] == [("Ana Souza", "real_estate", "Ribeirão Preto", "whatsapp")]
