@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import contextlib
 import inspect
 import logging
@@ -96,14 +95,17 @@ from simulators.live_tools import (
 from simulators.realtime import Link, _openai_error, _WsLink  # the same transport and bodies
 from simulators.realtime_audio import (
     ALAW_ENCODE,
+    NOT_BASE64,
     EnergyVad,
     VadEvent,
     VadParams,
+    decoded_audio,
     reply_audio,
     warm_audio_cache,
 )
 from simulators.realtime_config import MiB
 from simulators.realtime_state import Timed, _copy, new_id
+from simulators.server import SimServer
 from simulators.waits import Waits
 
 __all__ = [
@@ -675,11 +677,9 @@ class LiveSession:
 
     def _on_session_input_audio_append(self, raw: dict) -> None:
         self.appends_received += 1
-        try:
-            data = base64.b64decode(raw["audio"], validate=True)
-        except (binascii.Error, ValueError):
-            message = "Invalid 'audio'. Expected base64-encoded audio bytes."
-            return self._fail(message, "invalid_value", "audio", raw)
+        data = decoded_audio(raw["audio"])
+        if data is None:
+            return self._fail(NOT_BASE64, "invalid_value", "audio", raw)
         self.push_audio(data)
 
     def push_audio(self, data: bytes) -> None:
@@ -963,11 +963,9 @@ class LiveSession:
         if self.fixture_active:
             message = "Only one audio fixture can be active at a time."
             return self._fail(message, "fixture_active", None, raw)
-        try:
-            pcm = base64.b64decode(raw["audio"], validate=True)
-        except (binascii.Error, ValueError):
-            message = "Invalid 'audio'. Expected base64-encoded audio bytes."
-            return self._fail(message, "invalid_value", "audio", raw)
+        pcm = decoded_audio(raw["audio"])
+        if pcm is None:
+            return self._fail(NOT_BASE64, "invalid_value", "audio", raw)
         ms = len(pcm) / 48
         if len(pcm) % 2 or ms > MAX_FIXTURE_MS or not pcm:
             message = (
@@ -1094,17 +1092,14 @@ class _PacedChunks:
 # ---- aiohttp server ---------------------------------------------------------------------
 
 
-class LiveSimulator:
+class LiveSimulator(SimServer):
     """The aiohttp server: `GET /v1/live/sessions` upgraded to a Live session."""
 
     def __init__(self, config: LiveSimConfig | None = None) -> None:
+        super().__init__()
         self.config = config or LiveSimConfig()
         self.sessions: list[LiveSession] = []
-        self.app = web.Application()
         self.attach(self.app)
-        self.port: int | None = None
-        self.host = "127.0.0.1"
-        self._runner: web.AppRunner | None = None
         self._waits = Waits()
         self._refused = 0
 
@@ -1122,25 +1117,8 @@ class LiveSimulator:
         app.router.add_get(f"{prefix}/live/sessions", self.handle)
         app.on_shutdown.append(self._on_shutdown)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> LiveSimulator:
-        await asyncio.to_thread(_warm_up)
-        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.host, self.port = host, self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        await self._on_shutdown(self.app)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> LiveSimulator:
-        return await self.start() if self.port is None else self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def warm(self) -> None:
+        _warm_up()
 
     async def _on_shutdown(self, app: web.Application) -> None:
         live = [s for s in self.sessions if not s.closed]

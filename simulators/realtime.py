@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 import time
@@ -60,10 +58,12 @@ from simulators.live_config import LiveSimConfig
 from simulators.realtime_audio import (
     ALAW_DECODE,
     ALAW_ENCODE,
+    NOT_BASE64,
     EnergyVad,
     VadEvent,
     VadParams,
     bytes_per_ms,
+    decoded_audio,
     reply_audio,
     vad_params,
     warm_audio_cache,
@@ -103,6 +103,7 @@ from simulators.realtime_state import (
 )
 from simulators.realtime_streaming import ResponseStreaming, plan_reply, reply_duration_ms
 from simulators.responses import ResponsesSimulator
+from simulators.server import SimServer
 
 __all__ = [
     "ALAW_DECODE",
@@ -416,12 +417,11 @@ class SimSession(ResponseStreaming, InputAudio, SessionRecord):
         for index, part in enumerate(data.get("content") or []):
             if part.get("type") != "input_audio":
                 continue
-            try:
-                audio += base64.b64decode(part.pop("audio", "") or "", validate=True)
-            except (binascii.Error, ValueError):
-                message = "Invalid 'audio'. Expected base64-encoded audio bytes."
-                self._fail(message, "invalid_value", f"item.content[{index}].audio", raw)
+            decoded = decoded_audio(part.pop("audio", ""))
+            if decoded is None:
+                self._fail(NOT_BASE64, "invalid_value", f"item.content[{index}].audio", raw)
                 return None
+            audio += decoded
             part.setdefault("transcript", None)
         fmt = self.input_format if audio else None
         return ConvItem(item_id, data, audio, fmt)
@@ -531,7 +531,7 @@ def _openai_error(message: str, code: str | None = None) -> dict:
     }
 
 
-class RealtimeSimulator:
+class RealtimeSimulator(SimServer):
     """The aiohttp server: `GET /v1/realtime?model=...` upgraded to a Realtime session."""
 
     def __init__(
@@ -539,9 +539,9 @@ class RealtimeSimulator:
     ) -> None:
         from simulators.live import LiveSimulator  # it borrows this module's websocket link
 
+        super().__init__()
         self.config = config or RealtimeSimConfig()
         self.sessions: list[SimSession] = []
-        self.app = web.Application()
         self.attach(self.app)
         # The sibling APIs on the same base URL as the real ones: the text API the summarizer
         # uses, and GPT-Live (VOICE_BACKEND=live).
@@ -550,9 +550,6 @@ class RealtimeSimulator:
         self.live = LiveSimulator(live_config)
         self.live.attach(self.app)
         self.app.router.add_get("/sim/timings", self._timings)  # ours, not an OpenAI route
-        self.port: int | None = None
-        self.host = "127.0.0.1"
-        self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
         self._refused = 0
 
@@ -575,25 +572,8 @@ class RealtimeSimulator:
         latency from what it measured. A session is named by a response's metadata."""
         return web.json_response([session.timings() for session in self.sessions])
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> RealtimeSimulator:
-        await asyncio.to_thread(warm_audio_cache)
-        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.host, self.port = host, self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        await self._on_shutdown(self.app)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> RealtimeSimulator:
-        return await self.start() if self.port is None else self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def warm(self) -> None:
+        warm_audio_cache()
 
     async def _on_shutdown(self, app: web.Application) -> None:
         for session in self.sessions:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -14,6 +16,17 @@ from simulators.realtime_config import RealtimeSimConfig
 from simulators.speech import synth_speech
 
 # ---- audio formats and tables ----------------------------------------------------------
+
+
+NOT_BASE64 = "Invalid 'audio'. Expected base64-encoded audio bytes."
+
+
+def decoded_audio(value: object) -> bytes | None:
+    """Base64 audio decoded as the server checks it (strictly); None if it is not base64."""
+    try:
+        return base64.b64decode(value or "", validate=True)  # type: ignore[arg-type]
+    except (binascii.Error, ValueError, TypeError):
+        return None
 
 
 def bytes_per_ms(fmt_type: str) -> int:

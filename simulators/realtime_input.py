@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import time
 
-from simulators.realtime_audio import EnergyVad, VadEvent, VadParams, bytes_per_ms
+from simulators.realtime_audio import (
+    NOT_BASE64,
+    EnergyVad,
+    VadEvent,
+    VadParams,
+    bytes_per_ms,
+    decoded_audio,
+)
 from simulators.realtime_config import MAX_APPEND_BYTES, MIN_COMMIT_MS, RealtimeSimConfig
 from simulators.realtime_state import Conversation, ConvItem, SimResponse, ToolLedger, new_id
 
@@ -37,11 +42,9 @@ class InputAudio:
 
     def _on_input_audio_buffer_append(self, raw: dict) -> None:
         self.appends_received += 1
-        try:
-            data = base64.b64decode(raw["audio"], validate=True)
-        except (binascii.Error, ValueError):
-            message = "Invalid 'audio'. Expected base64-encoded audio bytes."
-            return self._fail(message, "invalid_value", "audio", raw)
+        data = decoded_audio(raw["audio"])
+        if data is None:
+            return self._fail(NOT_BASE64, "invalid_value", "audio", raw)
         if len(data) > MAX_APPEND_BYTES:
             message = (
                 f"Invalid 'audio': the decoded audio is {len(data)} bytes, above the "

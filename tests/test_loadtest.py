@@ -46,22 +46,20 @@ def live_sim_config() -> LiveSimConfig:
     )
 
 
+def tiny_load(gateway, calls: int = 2, **chosen: str) -> loadtest.LoadConfig:
+    """A load of a few one-turn calls against `gateway`, quick enough for the suite."""
+    return loadtest.LoadConfig(
+        gateway_url=gateway.url, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID, calls=calls,
+        turns=1, ramp_s=0.2, speech_ms=600, first_audio_ms=FIRST_AUDIO_MS, quiet_s=0.2,
+        warmup=0, **chosen,
+    )  # fmt: skip
+
+
 async def test_three_calls_of_one_turn_give_a_complete_sane_report(
     start_gateway, live_env, realtime_sim
 ):
     gateway = await start_gateway(live_env)
-    cfg = loadtest.LoadConfig(
-        gateway_url=gateway.url,
-        auth_token=AUTH_TOKEN,
-        account_sid=ACCOUNT_SID,
-        calls=3,
-        turns=1,
-        ramp_s=0.2,
-        speech_ms=600,
-        first_audio_ms=FIRST_AUDIO_MS,
-        quiet_s=0.2,
-        warmup=0,
-    )
+    cfg = tiny_load(gateway, calls=3)
     # The gateway runs in this process, so its /proc figures include the callers: only shape.
     simulator = realtime_sim.base_url.removesuffix("/v1")
     stack = loadtest.Stack(gateway_pid=os.getpid(), simulator_url=simulator)
@@ -127,19 +125,7 @@ async def test_calls_in_the_elevenlabs_voice_are_measured_and_the_report_names_i
     # The gateway gets the same voice settings as a spawned one (--voice elevenlabs).
     env = voice.gateway_env("elevenlabs", urlsplit(elevenlabs_sim.base_url).port)
     gateway = await start_gateway({**live_env, **env})
-    cfg = loadtest.LoadConfig(
-        gateway_url=gateway.url,
-        auth_token=AUTH_TOKEN,
-        account_sid=ACCOUNT_SID,
-        calls=2,
-        turns=1,
-        ramp_s=0.2,
-        speech_ms=600,
-        first_audio_ms=FIRST_AUDIO_MS,
-        quiet_s=0.2,
-        warmup=0,
-        voice="elevenlabs",
-    )
+    cfg = tiny_load(gateway, voice="elevenlabs")
     report = await loadtest.run_load(cfg, loadtest.Stack(gateway_pid=os.getpid()))
 
     calls = report.calls
@@ -165,19 +151,7 @@ async def test_calls_on_gpt_live_are_measured_and_priced_per_call_minute(
         pytest.skip("the load test reads the gateway's SQLite file")
     # The gateway as a spawned one with --backend live: the Live simulator on the same URL.
     gateway = await start_gateway({**live_env, **voice.backend_env("live")})
-    cfg = loadtest.LoadConfig(
-        gateway_url=gateway.url,
-        auth_token=AUTH_TOKEN,
-        account_sid=ACCOUNT_SID,
-        calls=2,
-        turns=1,
-        ramp_s=0.2,
-        speech_ms=600,
-        first_audio_ms=FIRST_AUDIO_MS,
-        quiet_s=0.2,
-        warmup=0,
-        backend="live",
-    )
+    cfg = tiny_load(gateway, backend="live")
     simulator = realtime_sim.base_url.removesuffix("/v1")
     db_path = Path(database_url.removeprefix("sqlite:///"))
     stack = loadtest.Stack(gateway_pid=os.getpid(), db_path=db_path, simulator_url=simulator)
