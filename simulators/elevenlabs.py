@@ -51,7 +51,6 @@ import json
 import logging
 import math
 import secrets
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -87,6 +86,7 @@ from simulators.elevenlabs_config import (
     error_detail,
     validation_error,
 )
+from simulators.server import SimServer, run, serve
 
 __all__ = [
     "ELEVENLABS_PITCH_HZ",
@@ -209,18 +209,14 @@ class _Pacer:
             self.due = max(self.due, time.monotonic()) + audio_ms / 1000 / self.cfg.speed
 
 
-class ElevenLabsSimulator:
+class ElevenLabsSimulator(SimServer):
     """The aiohttp server: ElevenLabs' text-to-speech routes on one loopback port."""
 
     def __init__(self, config: ElevenLabsSimConfig | None = None) -> None:
+        super().__init__()
         self.config = config or ElevenLabsSimConfig()
         self.requests: list[TtsRequest] = []
-        self.app = web.Application()
         self.attach(self.app)
-        self.host = "127.0.0.1"
-        self.port: int | None = None
-        self.scheme = "http"
-        self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
         self._failed = 0
         self._cut = 0
@@ -251,29 +247,8 @@ class ElevenLabsSimulator:
         app.router.add_get(prefix + "/{voice_id}/stream-input", self._stream_input)
         app.on_shutdown.append(self._on_shutdown)
 
-    async def start(
-        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
-    ) -> ElevenLabsSimulator:
-        """Serve on `host:port` (0: any free port); https/wss with `ssl_context`."""
-        await asyncio.to_thread(warm_voice_cache)
-        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
-        self.host, self.port = host, self._runner.addresses[0][1]
-        self.scheme = "https" if ssl_context is not None else "http"
-        return self
-
-    async def close(self) -> None:
-        await self._on_shutdown(self.app)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> ElevenLabsSimulator:
-        return await self.start() if self.port is None else self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def warm(self) -> None:
+        warm_voice_cache()
 
     async def _on_shutdown(self, app: web.Application) -> None:
         with contextlib.suppress(Exception):
@@ -828,21 +803,16 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         chars_per_second=args.chars_per_second,
     )
     sim = ElevenLabsSimulator(cfg)
-    await sim.start(args.host, args.port)
-    print(f"ElevenLabs simulator listening on {sim.base_url}", flush=True)
-    print(f"  ElevenLabs(api_key='sk_sim', base_url='{sim.base_url}')", flush=True)
-    print(f"  voices: {', '.join(cfg.voices)}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.close()
+    await serve(sim, args.host, args.port, lambda: [
+        f"ElevenLabs simulator listening on {sim.base_url}",
+        f"  ElevenLabs(api_key='sk_sim', base_url='{sim.base_url}')",
+        f"  voices: {', '.join(cfg.voices)}",
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper())
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args))
+    run(_serve_forever(args), args.log_level)
 
 
 if __name__ == "__main__":

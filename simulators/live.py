@@ -105,7 +105,7 @@ from simulators.realtime_audio import (
 )
 from simulators.realtime_config import MiB
 from simulators.realtime_state import Timed, _copy, new_id
-from simulators.server import SimServer
+from simulators.server import SimServer, run, serve
 from simulators.waits import Waits
 
 __all__ = [
@@ -1205,20 +1205,15 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         record_audio=not args.no_record,
     )
     sim = LiveSimulator(cfg)
-    await sim.start(args.host, args.port)
-    print(f"GPT-Live simulator listening on {sim.ws_url}", flush=True)
-    print(f"  AsyncOpenAI(api_key='sk-sim', base_url='{sim.base_url}').live.connect()", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.close()
+    await serve(sim, args.host, args.port, lambda: [
+        f"GPT-Live simulator listening on {sim.ws_url}",
+        f"  AsyncOpenAI(api_key='sk-sim', base_url='{sim.base_url}').live.connect()",
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper())
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args))
+    run(_serve_forever(args), args.log_level)
 
 
 if __name__ == "__main__":

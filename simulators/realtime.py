@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -103,7 +102,7 @@ from simulators.realtime_state import (
 )
 from simulators.realtime_streaming import ResponseStreaming, plan_reply, reply_duration_ms
 from simulators.responses import ResponsesSimulator
-from simulators.server import SimServer
+from simulators.server import SimServer, run, serve
 
 __all__ = [
     "ALAW_DECODE",
@@ -701,20 +700,15 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         vad_threshold_dbfs=args.live_vad_threshold_dbfs,
     )
     sim = RealtimeSimulator(cfg, live)
-    await sim.start(args.host, args.port)
-    print(f"Realtime simulator listening on {sim.ws_url}?model=...", flush=True)
-    print(f"  AsyncOpenAI(api_key='sk-sim', base_url='{sim.base_url}')", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.close()
+    await serve(sim, args.host, args.port, lambda: [
+        f"Realtime simulator listening on {sim.ws_url}?model=...",
+        f"  AsyncOpenAI(api_key='sk-sim', base_url='{sim.base_url}')",
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper())
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args))
+    run(_serve_forever(args), args.log_level)
 
 
 if __name__ == "__main__":
