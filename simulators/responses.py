@@ -49,7 +49,11 @@ class ResponsesSimulator:
         if not request.headers.get("Authorization", "").startswith("Bearer "):
             return _error(401, "Missing bearer authentication in header", "invalid_api_key")
         try:
-            body = orjson.loads(await request.read())
+            raw = await request.read()
+        except ConnectionError:  # the client left mid-body (a gateway shutting down)
+            return _error(400, "The request body did not arrive", None)
+        try:
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return self._record({}, _error(400, "We could not parse the JSON body", None))
         if not isinstance(body, dict) or "model" not in body or "input" not in body:
