@@ -36,7 +36,7 @@ from gateway.live_dialect import LiveDialect, silent_context
 from gateway.live_session import LiveSession
 from gateway.memory import instructions_for, load_memory_marked, news_since
 from gateway.observability import ERRORS
-from gateway.persona import Channel, MemoryContext, greeting_instruction
+from gateway.persona import Channel, MemoryContext, channel_section, greeting_instruction
 from gateway.runtime import Runtime
 from gateway.store import Erased, Person
 from gateway.tool_flow import MAX_ROUNDS, ToolFlow
@@ -551,12 +551,17 @@ class WarmSessions:
             log.exception("could not record GPT-Live usage")
 
     async def _live_context(self, warm: _Warm, turn: TurnInput) -> list[dict[str, Any]]:
-        """News from other channels, and a greeting when due, as silent context: Live's
-        instructions are fixed at start, and an appended instruction would be answered."""
+        """News from other channels, the channel when it changed (a voice note after text),
+        and a greeting when due, as silent context: Live's instructions are fixed at start,
+        and an appended instruction would be answered."""
         news, warm.mark = await news_since(
             self.rt.store, self.rt.persona, warm.person.id, warm.mark, warm.conversation_id
         )
         contexts = [] if news is None else LiveDialect().outbound(news)
+        channel = channel_of(turn)
+        if channel != warm.channel:
+            contexts.append(silent_context(channel_section(self.rt.persona, channel)))
+            warm.channel = channel
         if warm.responses == 0 and _should_greet(warm.memory):
             greeting = greeting_instruction(self.rt.persona, channel_of(turn), warm.memory)
             contexts.append(silent_context(greeting))

@@ -392,3 +392,23 @@ async def test_a_tool_on_whatsapp_runs_and_the_reply_carries_the_answer(
     assert texts == [answer]
     leads = open_db(gateway).execute("SELECT name, interest, city, channel FROM leads").fetchall()
     assert [tuple(r) for r in leads] == [("Ana Souza", "real_estate", "Ribeirão Preto", "whatsapp")]
+
+
+async def test_a_voice_note_after_text_tells_the_model_the_channel_changed(
+    gateway, upstream, twilio_sim, realtime_sim, sim_config, live_sim_config
+):
+    sim_config.reply_text = live_sim_config.reply_text = REPLY
+    voice_label = gateway.runtime.persona.channel_labels["whatsapp_voice"]
+    async with harness_for(gateway, twilio_sim, realtime_sim) as wa:
+        await wa.sender.send_text("Oi")
+        await wa.replies(2)
+        sid = new_sid("MM")
+        url = twilio_sim.add_media(
+            encode_ogg_opus(speech_pcm24k(800)), "audio/ogg", message_sid=sid
+        )
+        await wa.sender.send_media(url, "audio/ogg", message_sid=sid)
+        await wa.replies(4)
+    [session] = upstream.sessions  # one warm session for both messages
+    assert voice_label not in upstream.config(session)["instructions"]  # it began as text
+    assert voice_label in upstream.told(session)  # then the voice note's channel was said
+    assert upstream.errors() == []

@@ -93,7 +93,7 @@ def compose_instructions(
     """
     _check_channel(persona, channel)
     sections = [persona.layers[layer] for layer in LAYERS]
-    sections.append(_channel_section(persona, channel))
+    sections.append(channel_section(persona, channel))
     sections.append(_who_section(persona, memory, now))
     if memory and memory.summary and memory.summary.strip():
         sections.append(f"{persona.prompt['summary_heading']}\n{memory.summary.strip()}")
@@ -139,7 +139,7 @@ def _check_channel(persona: Persona, channel: str) -> None:
         raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
 
 
-def _channel_section(persona: Persona, channel: str) -> str:
+def channel_section(persona: Persona, channel: str) -> str:
     heading = persona.prompt["channel_heading"].format(label=persona.channel_labels[channel])
     return f"{heading}\n{persona.channels[channel]}"
 
