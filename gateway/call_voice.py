@@ -128,7 +128,7 @@ class CallVoice:
         delta = str(event.get("delta") or "")
         reply.parts.append(delta)
         phrases = reply.phrases.add(delta)
-        if phrases and not reply.dropped and reply.reader is not None and not reply.reader.done():
+        if phrases and self._speaking(reply):
             with contextlib.suppress(VoiceUnavailable):  # the reader sees it and falls back
                 stream = await reply.opening
                 for phrase in phrases:

@@ -51,7 +51,7 @@ from gateway.call_state import (
 from gateway.call_voice import CallVoice
 from gateway.live_dialect import APPEND_HEAD as LIVE_APPEND_HEAD
 from gateway.live_dialect import LiveDialect, greeting_event
-from gateway.live_session import LiveSession, live_call_session
+from gateway.live_session import CALL_FORMAT, LiveSession, live_session
 from gateway.memory import instructions_for, load_memory_marked, news_since, with_transcript
 from gateway.observability import (
     ACTIVE_CALLS,
@@ -227,20 +227,15 @@ class LiveCall:
             self._spawn(self._pump(session))
 
     async def _open_session(self, instructions: str) -> RealtimeSession:
+        settings, tools = self.rt.settings, self.tools.definitions("call", self.person)
         if self.dialect is not None:
-            tools = self.tools.definitions("call", self.person)
-            live = live_call_session(self.rt.settings, self.rt.voice, instructions, tools)
+            live = live_session(settings, self.rt.voice, instructions, CALL_FORMAT, tools)
             return await LiveSession.start(self.rt.openai, live, self.policy)
-        config = call_session(
-            self.rt.settings,
-            self.rt.voice,
-            instructions,
-            self.tools.definitions("call", self.person),
-        )
+        config = call_session(settings, self.rt.voice, instructions, tools)
         if self.voice is not None:
             config["output_modalities"] = ["text"]  # ElevenLabs speaks it
         return await RealtimeSession.open(
-            self.rt.openai, self.rt.settings.realtime_model, config, self.policy
+            self.rt.openai, settings.realtime_model, config, self.policy
         )
 
     def _instructions(self) -> str:
@@ -450,30 +445,29 @@ class LiveCall:
 
     def _record_voice_usage(self, characters: int, audio_ms: float) -> None:
         """ElevenLabs bills the characters it was sent: a row of its model per reply."""
-        if self.person is None or self.rt.store is None:
-            return
-        self._write(
-            self.rt.store.add_usage(
-                self.person.id, self.conversation_id, None, characters=characters,
-                audio_seconds=audio_ms / 1000, model=self.rt.settings.elevenlabs_model,
-            )
-        )  # fmt: skip
+        self._record_billed(self.rt.settings.elevenlabs_model, characters=characters,
+                            audio_seconds=audio_ms / 1000)  # fmt: skip
 
     async def _close_session(self, session: RealtimeSession) -> None:
         await session.close()
         if isinstance(session, LiveSession):  # its final usage came with session.closed
-            self._record_live_usage(session.bill())
+            seconds = session.bill()
+            if seconds > 0:  # GPT-Live bills seconds of session
+                self._record_billed(self.rt.settings.live_model, session_seconds=seconds)
 
-    def _record_live_usage(self, seconds: float) -> None:
-        """GPT-Live bills seconds of session: one row of its model for what it reported."""
-        if seconds <= 0 or self.person is None or self.rt.store is None:
+    def _record_billed(self, model: str, **amounts: float) -> None:
+        """A usage row of `model` that no response id names (voice characters, seconds)."""
+        if self.person is None or self.rt.store is None:
             return
         self._write(
             self.rt.store.add_usage(
-                self.person.id, self.conversation_id, None,
-                session_seconds=seconds, model=self.rt.settings.live_model,
+                self.person.id,
+                self.conversation_id,
+                None,
+                model=model,
+                **amounts,
             )
-        )  # fmt: skip
+        )
 
     # lifecycle
     def _arm_tick(self) -> None:

@@ -24,31 +24,31 @@ from gateway.bridge import LinkPolicy, NotJson, RealtimeSession, UpstreamClosed,
 from gateway.settings import Settings
 
 CALL_FORMAT = {"type": "audio/pcmu", "rate": 8000}  # Twilio's frames pass through untouched
+NOTE_FORMAT = {"type": "audio/pcm", "rate": 24000}  # WhatsApp voice notes' encoder rate
 
 
 class LiveRefused(Exception):
     """The Live service answered `session.start` with an error, or with anything else."""
 
 
-def live_call_session(
-    settings: Settings, voice: str, instructions: str, tools: list[dict[str, Any]] | None = None
+def live_session(
+    settings: Settings,
+    voice: str,
+    instructions: str,
+    audio_format: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A phone call: mu-law 8 kHz both ways (Live has one format for both). The memory stays
-    in the instructions, as on Realtime: they fit Live's 16,384 tokens with room to spare, and
-    its seeded `input` (128 messages) adds nothing the instructions do not already carry."""
-    session = {
+    """A session's start: one audio format both ways (`CALL_FORMAT` for a phone call,
+    `NOTE_FORMAT` for WhatsApp). The memory stays in the instructions, as on Realtime: they
+    fit Live's 16,384 tokens with room to spare, and its seeded `input` (128 messages) adds
+    nothing the instructions do not already carry. Live's voice model has no tools: they go
+    to its Responses backend, which the model delegates to (`FunctionTool` takes our
+    definitions' shape as they are)."""
+    session: dict[str, Any] = {
         "model": settings.live_model,
         "instructions": instructions,
-        "audio": {"format": CALL_FORMAT, "output": {"voice": voice_param(voice)}},
+        "audio": {"format": audio_format, "output": {"voice": voice_param(voice)}},
     }
-    return with_tools(session, settings, tools)
-
-
-def with_tools(
-    session: dict[str, Any], settings: Settings, tools: list[dict[str, Any]] | None
-) -> dict[str, Any]:
-    """Live's voice model has no tools: they go to its Responses backend, which the model
-    delegates to (`FunctionTool` takes our definitions' shape as they are)."""
     if tools:
         backend = {"model": settings.live_tools_model, "tools": tools, "tool_choice": "auto"}
         session["delegation"] = {"type": "responses", "responses": backend}

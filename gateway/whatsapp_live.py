@@ -25,30 +25,16 @@ import base64
 import time
 from typing import Any
 
-from gateway.bridge import voice_param
 from gateway.live_dialect import MAX_APPEND_CHARS, SILENT_PCM, LiveDialect
-from gateway.live_session import LiveSession, with_tools
+from gateway.live_session import LiveSession
 from gateway.persona import Persona
-from gateway.settings import Settings
 from gateway.tool_flow import ToolFlow
 from gateway.tools import ToolCall
 from gateway.transcode import PCM24K_BYTES_PER_MS
 
-NOTE_FORMAT = {"type": "audio/pcm", "rate": 24000}
 APPEND_MS = 1000  # per append event (Live acknowledges none)
 TRAILING_SILENCE_MS = 1200  # past the model's end-of-turn silence (the simulator's is 500 ms)
 TICK_S = 0.1  # how often the reply's end is looked for while no event comes
-
-
-def live_note_session(
-    settings: Settings, voice: str, instructions: str, tools: list[dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    session = {
-        "model": settings.live_model,
-        "instructions": instructions,
-        "audio": {"format": NOTE_FORMAT, "output": {"voice": voice_param(voice)}},
-    }
-    return with_tools(session, settings, tools)
 
 
 class DelegatedCalls:
@@ -80,12 +66,15 @@ class DelegatedCalls:
     @property
     def runnable(self) -> bool:
         """Calls whose response is over: the backend waits for their outputs."""
-        return any(self._made_by.get(c.call_id) in self._done for c in self._calls)
+        return bool(self._ready())
 
     def take(self) -> list[ToolCall]:
-        ready = [c for c in self._calls if self._made_by.get(c.call_id) in self._done]
+        ready = self._ready()
         self._calls = [c for c in self._calls if c not in ready]
         return ready
+
+    def _ready(self) -> list[ToolCall]:
+        return [c for c in self._calls if self._made_by.get(c.call_id) in self._done]
 
 
 def note_dialect() -> LiveDialect:

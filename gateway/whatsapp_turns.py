@@ -33,7 +33,7 @@ from gateway.bridge import (
 )
 from gateway.elevenlabs import VoiceUnavailable
 from gateway.live_dialect import LiveDialect, silent_context
-from gateway.live_session import LiveSession
+from gateway.live_session import NOTE_FORMAT, LiveSession, live_session
 from gateway.memory import instructions_for, load_memory_marked, news_since
 from gateway.observability import ERRORS
 from gateway.persona import Channel, MemoryContext, channel_section, greeting_instruction
@@ -49,7 +49,6 @@ from gateway.whatsapp_live import (
     DelegatedCalls,
     LiveInput,
     collect_live,
-    live_note_session,
     note_dialect,
 )
 
@@ -421,13 +420,12 @@ class WarmSessions:
         rt, settings = self.rt, self.rt.settings
         warm.memory, warm.mark = await load_memory_marked(rt.store, warm.person)
         instructions = instructions_for(rt.persona, channel, warm.memory)
+        tools = self.tools.definitions("whatsapp", warm.person)
         if settings.voice_backend == "live":
-            tools = self.tools.definitions("whatsapp", warm.person)
-            live = live_note_session(settings, rt.voice, instructions, tools)
+            live = live_session(settings, rt.voice, instructions, NOTE_FORMAT, tools)
             warm.session = session = await LiveSession.start(rt.openai, live, self.policy)
             warm.live, warm.dialect = LiveInput(session), note_dialect()
         else:
-            tools = self.tools.definitions("whatsapp", warm.person)
             config = voice_note_session(settings, rt.voice, instructions, tools)
             warm.session = await RealtimeSession.open(
                 rt.openai, settings.realtime_model, config, self.policy
@@ -540,15 +538,8 @@ class WarmSessions:
         """GPT-Live bills seconds of session: what it reported since the last turn."""
         if warm.forgotten or seconds <= 0:
             return
-        try:
-            await self.rt.store.add_usage(
-                warm.person.id, conversation_id, None,
-                session_seconds=seconds, model=self.rt.settings.live_model,
-            )  # fmt: skip
-        except Erased:
-            log.info("GPT-Live usage not kept: the person was erased")
-        except Exception:  # accounting must never cost the person their reply
-            log.exception("could not record GPT-Live usage")
+        await _keep_usage(self.rt, warm.person.id, conversation_id, None, "GPT-Live",
+                          session_seconds=seconds, model=self.rt.settings.live_model)  # fmt: skip
 
     async def _live_context(self, warm: _Warm, turn: TurnInput) -> list[dict[str, Any]]:
         """News from other channels, the channel when it changed (a voice note after text),
@@ -557,7 +548,8 @@ class WarmSessions:
         news, warm.mark = await news_since(
             self.rt.store, self.rt.persona, warm.person.id, warm.mark, warm.conversation_id
         )
-        contexts = [] if news is None else LiveDialect().outbound(news)
+        assert warm.dialect is not None
+        contexts = [] if news is None else warm.dialect.outbound(news)
         channel = channel_of(turn)
         if channel != warm.channel:
             contexts.append(silent_context(channel_section(self.rt.persona, channel)))
@@ -659,19 +651,10 @@ class WarmSessions:
     async def _record_usage(self, warm: _Warm, collector: ReplyCollector, audio_ms: int) -> None:
         if warm.forgotten:
             return
-        try:
-            await self.rt.store.add_usage(
-                warm.person.id,
-                warm.conversation_id,
-                collector.response_id,
-                **token_counts(collector.usage or {}),
-                audio_seconds=audio_ms / 1000,
-                model=self.rt.settings.realtime_model,
-            )
-        except Erased:
-            log.info("usage of %s not kept: the person was erased", collector.response_id)
-        except Exception:  # accounting must never cost the person their reply
-            log.exception("could not record usage of %s", collector.response_id)
+        rid = collector.response_id
+        await _keep_usage(self.rt, warm.person.id, warm.conversation_id, rid, f"response {rid}",
+                          **token_counts(collector.usage or {}), audio_seconds=audio_ms / 1000,
+                          model=self.rt.settings.realtime_model)  # fmt: skip
 
     # lifecycle
     def _arm_idle(self, warm: _Warm) -> None:
@@ -793,19 +776,27 @@ async def _record_voice_usage(
     if person is None:
         log.info("ElevenLabs spoke %d characters for everyone", characters)
         return
+    model = rt.settings.elevenlabs_model
+    await _keep_usage(rt, person.id, None, None, "ElevenLabs", characters=characters,
+                      audio_seconds=audio_ms / 1000, model=model)  # fmt: skip
+
+
+async def _keep_usage(
+    rt: Runtime,
+    person_id: int,
+    conversation_id: int | None,
+    response_id: str | None,
+    what: str,
+    **row: Any,
+) -> None:
+    """One usage row; accounting must never cost the person their reply, so an erased
+    person's row or a failed write is logged, not raised."""
     try:
-        await rt.store.add_usage(
-            person.id,
-            None,
-            None,
-            characters=characters,
-            audio_seconds=audio_ms / 1000,
-            model=rt.settings.elevenlabs_model,
-        )
+        await rt.store.add_usage(person_id, conversation_id, response_id, **row)
     except Erased:
-        log.info("ElevenLabs usage not kept: the person was erased")
-    except Exception:  # accounting must never cost the person their reply
-        log.exception("could not record ElevenLabs usage")
+        log.info("usage of %s not kept: the person was erased", what)
+    except Exception:
+        log.exception("could not record usage of %s", what)
 
 
 async def _realtime_reads(

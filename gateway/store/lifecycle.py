@@ -23,6 +23,18 @@ def _now() -> str:
 SUMMARY_LEASE_S = 600.0
 
 
+# Usage added up per model, the columns a price applies to (usage.cost_usd); callers add
+# their WHERE and GROUP BY model. The load test reads a gateway's file with it too.
+USAGE_TOTALS = (
+    "SELECT COALESCE(model, '') AS model, COUNT(*) AS responses, "
+    "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, "
+    "SUM(input_audio_tokens) AS input_audio_tokens, "
+    "SUM(output_audio_tokens) AS output_audio_tokens, "
+    "SUM(audio_seconds) AS audio_seconds, SUM(characters) AS characters, "
+    "SUM(session_seconds) AS session_seconds FROM usage"
+)
+
+
 @dataclass(frozen=True)
 class ConversationRef:
     id: int
@@ -140,14 +152,7 @@ class LifecycleQueries:
         """Totals per model (a price applies per model) for one person, from `since` (an
         ISO time, UTC) if given."""
         async with self._db.execute(
-            "SELECT COALESCE(model, '') AS model, COUNT(*) AS responses, "
-            "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, "
-            "SUM(input_audio_tokens) AS input_audio_tokens, "
-            "SUM(output_audio_tokens) AS output_audio_tokens, "
-            "SUM(audio_seconds) AS audio_seconds, SUM(characters) AS characters, "
-            "SUM(session_seconds) AS session_seconds "
-            "FROM usage WHERE person_id = ? AND at >= ? "
-            "GROUP BY model",
+            f"{USAGE_TOTALS} WHERE person_id = ? AND at >= ? GROUP BY model",
             (person_id, since or ""),
         ) as cur:
             return [dict(row) for row in await cur.fetchall()]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.store.lifecycle import USAGE_TOTALS
 from gateway.usage import cost_usd, load_prices
 
 from .callers import CallResult
@@ -23,16 +24,8 @@ from .workers import CallBatch
 LATE_FRAME_MS = 20  # a caller frame a whole frame late means the generator fell behind
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository
 PRICES_FILE = "config/prices.toml"  # the gateway's default PRICES_FILE, from the repository
-# The gateway's usage columns per model, as the store's usage_by_model adds them up.
-USAGE_BY_MODEL = (
-    "SELECT COALESCE(model, '') AS model, COUNT(*) AS responses, "
-    "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, "
-    "SUM(input_audio_tokens) AS input_audio_tokens, "
-    "SUM(output_audio_tokens) AS output_audio_tokens, "
-    "SUM(audio_seconds) AS audio_seconds, SUM(characters) AS characters, "
-    "SUM(session_seconds) AS session_seconds "
-    "FROM usage WHERE id > ? GROUP BY model ORDER BY model"
-)
+# The gateway's usage columns per model, added up as the store's usage_by_model does.
+USAGE_BY_MODEL = f"{USAGE_TOTALS} WHERE id > ? GROUP BY model ORDER BY model"
 
 
 @dataclass
